@@ -1,0 +1,57 @@
+// ReLU on CPU tensors: out = x > 0 ? x : 0 (NaN propagates); grad = grad_out * (out > 0).
+#include "common.h"
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+namespace fusedcnn {
+namespace {
+
+at::Tensor relu_cpu(const at::Tensor& x) {
+  FUSEDCNN_CHECK_DEVICE(x, at::kCPU);
+  FUSEDCNN_CHECK_FLOATING(x);
+  // Elementwise: any memory format works as long as input and output share strides.
+  at::Tensor xc = x.contiguous(x.suggest_memory_format());
+  at::Tensor out = new_output_like(xc);
+  const int64_t n = xc.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "relu_cpu", [&] {
+    const scalar_t* in = xc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t v = in[i];
+        o[i] = (v <= scalar_t(0)) ? scalar_t(0) : v;  // NaN <= 0 is false: NaN kept
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor relu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out) {
+  FUSEDCNN_CHECK_DEVICE(grad_out, at::kCPU);
+  FUSEDCNN_CHECK_DEVICE(out, at::kCPU);
+  FUSEDCNN_CHECK_SAME_SHAPE(grad_out, out);
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "grad_out and out must share a dtype");
+  const auto fmt = out.suggest_memory_format();
+  at::Tensor g = grad_out.contiguous(fmt), y = out.contiguous(fmt);
+  at::Tensor grad_in = new_output_like(y);
+  const int64_t n = y.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "relu_backward_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* dp = grad_in.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dp[i] = yp[i] > scalar_t(0) ? gp[i] : scalar_t(0);
+    });
+  });
+  return grad_in;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedcnn, CPU, m) {
+  m.impl("relu", &relu_cpu);
+  m.impl("relu_backward", &relu_backward_cpu);
+}
+
+}  // namespace fusedcnn

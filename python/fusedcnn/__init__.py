@@ -1,0 +1,19 @@
+"""fusedcnn: fast drop-in CNN layers for PyTorch (Triton kernels and a C++/CUDA extension).
+
+    import fusedcnn
+    layer = fusedcnn.nn.Conv2d(3, 64, 3, padding=1, backend="auto")
+    with fusedcnn.use_backend("reference"):
+        y = layer(x)
+    fusedcnn.available_backends()   # what can run here
+"""
+__version__ = "0.1.0"
+
+from fusedcnn import backends as _backends
+
+_backends._cpp_import_error()  # load fusedcnn._C (if built) before the ops register their autograd
+
+from fusedcnn import functional, nn, ops, reference  # noqa: E402,F401
+from fusedcnn.backends import BACKENDS, available_backends, current_backend, use_backend  # noqa: E402
+
+__all__ = ["nn", "functional", "reference", "use_backend", "available_backends", "current_backend", "BACKENDS",
+           "__version__"]

@@ -1,0 +1,163 @@
+"""The one dispatch point: which implementation runs an op.
+
+Backends (DESIGN.md):
+  torch      PyTorch's own layers (cuDNN / oneDNN): the baseline
+  reference  first-principles PyTorch tensor code: readable, the test oracle
+  triton     Triton kernels: CUDA tensors; CPU tensors only under TRITON_INTERPRET=1
+  cpp        the compiled extension fusedcnn._C: CPU always, CUDA when built with nvcc
+
+Choice, strongest first: an explicit ``backend=`` argument (a module's or a
+functional's), ``with fusedcnn.use_backend(name):``, the environment variable
+``FUSEDCNN_BACKEND``, then ``"auto"``. Only ``"auto"`` falls back quietly to
+the next available backend; a backend asked for by name that cannot serve the
+call raises a RuntimeError that says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("torch", "reference", "triton", "cpp")
+CHOICES = BACKENDS + ("auto",)
+
+# "auto": the fastest available backend for the tensor's device, per layer family.
+# On CPU the Triton interpreter is a test tool, never an automatic choice.
+_AUTO_ORDER = {
+    "cuda": ("triton", "cpp", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+# Families where another order is faster (measured; see benchmarks/NOTES.md).
+_AUTO_ORDER_OVERRIDES = {
+    ("cpu", "conv"): ("torch",),  # oneDNN's direct convolution beats im2col + GEMM on CPU
+}
+
+_chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedcnn_backend", default=None)
+
+
+def _check_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"fusedcnn: unknown backend {name!r}{where}; expected one of {', '.join(CHOICES)}")
+    return name
+
+
+def check_backend_arg(name: str) -> str:
+    """Validate a module's or functional's `backend=` argument (ValueError for an unknown name)."""
+    return _check_name(name, "")
+
+
+# ---------------------------------------------------------------- availability
+_import_errors: dict[str, str | None] = {}  # checked once per process (a plain dict: torch.compile traces it)
+
+
+def _cpp_import_error() -> str | None:
+    """None when fusedcnn._C loaded, else why not."""
+    if "cpp" not in _import_errors:
+        try:
+            from fusedcnn import _C  # noqa: F401  (registers the torch.ops.fusedcnn schemas)
+            _import_errors["cpp"] = None
+        except ImportError as e:
+            _import_errors["cpp"] = f"the compiled extension fusedcnn._C is not built or failed to load ({e})"
+    return _import_errors["cpp"]
+
+
+def cpp_built_with_cuda() -> bool:
+    """True when fusedcnn._C holds CUDA kernels (nvcc was present at build time)."""
+    if _cpp_import_error() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fusedcnn::relu", "CUDA")
+
+
+def _triton_import_error() -> str | None:
+    if "triton" not in _import_errors:
+        missing = importlib.util.find_spec("triton") is None
+        _import_errors["triton"] = "the triton package is not installed (pip install triton)" if missing else None
+    return _import_errors["triton"]
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run on CPU tensors when TRITON_INTERPRET=1 was set before import."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run on `device_type` tensors, or None if it can."""
+    if name in ("torch", "reference"):
+        return None
+    if name == "triton":
+        why = _triton_import_error()
+        if why:
+            return why
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            return None if triton_interpreted() else (
+                "Triton kernels run on CUDA tensors; on CPU tensors only under the interpreter "
+                "(set TRITON_INTERPRET=1 before importing fusedcnn)")
+        return f"Triton kernels do not run on {device_type} tensors"
+    if name == "cpp":
+        why = _cpp_import_error()
+        if why:
+            return why
+        if device_type == "cpu":
+            return None
+        if device_type == "cuda":
+            return None if cpp_built_with_cuda() else (
+                "fusedcnn._C was built without CUDA (no nvcc at build time, or FUSEDCNN_BUILD_CUDA=0); "
+                "rebuild with nvcc on PATH to run the cpp backend on CUDA tensors")
+        return f"the cpp backend does not run on {device_type} tensors"
+    raise ValueError(f"fusedcnn: unknown backend {name!r}")
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """The backends that can run on `device` (default: cuda if a GPU is present, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+# ---------------------------------------------------------------- selection
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the fusedcnn layers inside the block with backend `name` (unless a layer names its own)."""
+    token = _chosen.set(_check_name(name, " in use_backend()"))
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
+
+
+def current_backend() -> str:
+    """The backend in force here when no layer names one: use_backend, else FUSEDCNN_BACKEND, else auto."""
+    name = _chosen.get()
+    if name is not None and name != "auto":
+        return name
+    env = os.environ.get("FUSEDCNN_BACKEND")
+    if env:
+        return _check_name(env.strip(), " in the environment variable FUSEDCNN_BACKEND")
+    return "auto"
+
+
+def resolve(requested: str | None, x: torch.Tensor, family: str) -> str:
+    """The backend that runs layer family `family` ("conv", "batchnorm", ...) on tensor `x`.
+
+    `requested` is the layer's own choice: None or "auto" defer to the context.
+    """
+    if requested is not None:
+        _check_name(requested, "")
+    name = requested if requested not in (None, "auto") else current_backend()
+    device_type = x.device.type
+    if name == "auto":
+        order = _AUTO_ORDER_OVERRIDES.get((device_type, family), _AUTO_ORDER.get(device_type, ("torch",)))
+        for candidate in order:
+            if unavailable_reason(candidate, device_type) is None:
+                return candidate
+        return "torch"
+    why = unavailable_reason(name, device_type)
+    if why is not None:
+        raise RuntimeError(f"fusedcnn: backend '{name}' cannot run {family} on {device_type} tensors: {why}")
+    return name

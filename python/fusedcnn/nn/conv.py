@@ -1,0 +1,23 @@
+"""Conv2d module: torch.nn.Conv2d (same arguments, parameters, state_dict and repr) plus `backend=`."""
+import torch
+import torch.nn.functional as F
+
+from fusedcnn.backends import check_backend_arg
+from fusedcnn.ops.conv import conv2d
+
+
+class Conv2d(torch.nn.Conv2d):
+    """Drop-in torch.nn.Conv2d. `backend`: "auto" (default), "torch", "reference", "triton" or "cpp"."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.backend = check_backend_arg(backend)
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":  # as torch.nn.Conv2d: pad explicitly, then convolve unpadded
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups, backend=self.backend)
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                      backend=self.backend)

@@ -1,0 +1,7 @@
+"""The `reference` backend: every layer from first principles in plain PyTorch tensor code.
+
+Readable, complete, and the oracle the tests compare the fast backends with.
+"""
+from fusedcnn.reference.activation import relu
+
+__all__ = ["relu"]

@@ -1,0 +1,46 @@
+"""Shared test helpers: tolerances per dtype, comparison, backends to test, random inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedcnn
+
+# (rtol, atol) of a fast backend against an fp32/fp64 computation, per input dtype (DESIGN.md).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+# Every backend that can run on CPU tensors in this process (triton under TRITON_INTERPRET=1, cpp if built).
+CPU_BACKENDS = fusedcnn.available_backends("cpu")
+FAST_CPU_BACKENDS = [b for b in CPU_BACKENDS if b in ("triton", "cpp")]
+
+
+def backend_params(backends=("torch", "reference", "triton", "cpp")):
+    """pytest params for backends, marking those unavailable here as skipped (with the reason)."""
+    params = []
+    for b in backends:
+        why = fusedcnn.backends.unavailable_reason(b, "cpu")
+        params.append(pytest.param(b, id=b, marks=pytest.mark.skip(reason=why) if why else ()))
+    return params
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, *,
+                 scale: float = 1.0, msg: str = "") -> None:
+    """Compare with the tolerance of `dtype` (default: actual's). NaN never passes unless expected has NaN there."""
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale,
+                               equal_nan=True, msg=lambda m: f"{msg}\n{m}")
+
+
+def randn(*shape, dtype=torch.float32, channels_last=False, requires_grad=False) -> torch.Tensor:
+    """Fresh random data (never zeros), optionally NHWC."""
+    x = torch.randn(*shape, dtype=torch.float32).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
