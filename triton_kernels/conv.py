@@ -22,7 +22,7 @@ K-tile is BLOCK_K consecutive channels of one input pixel: contiguous, vectorise
 
 algo="implicit_gemm" (and "auto") gathers im2col(x) tiles inside the GEMM's loads (no buffer);
 algo="im2col" materialises the buffer [N*P*Q, groups*Kg] with _im2col_kernel and runs the GEMM on it
-(backward: dgrad writes a [N*P*Q, groups*Kg] column gradient and folds it back with _col2im_kernel;
+(backward: dgrad writes a float32 [N*P*Q, groups*Kg] column gradient and folds it back with _col2im_kernel;
 wgrad re-builds im2col(x)), so the benchmark can show what the buffer costs.
 
 Implicit-GEMM K loops come in two modes (constexpr MODE):
@@ -67,7 +67,7 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 
 
 if _INTERPRET:
-    _GEMM_CONFIGS = [_cfg(32, 32, 16, 4, 1, group_m=2)]
+    _GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1, group_m=2)]
 else:
     _GEMM_CONFIGS = [
         # Hopper
@@ -639,7 +639,7 @@ def _split_k(total: int, out_tiles: int, device: torch.device) -> tuple[int, int
     if device.type == "cuda":
         target, min_chunk, align = 2 * _num_sms(device.index or 0), 2048, 128
     else:  # interpreter: a few splits, so the tests exercise the reduction
-        target, min_chunk, align = 3, 32, 16
+        target, min_chunk, align = 2, 32, 16
     splits = max(1, min(target // max(out_tiles, 1), triton.cdiv(total, min_chunk)))
     chunk = triton.cdiv(triton.cdiv(total, splits), align) * align
     return triton.cdiv(total, chunk), chunk
@@ -709,7 +709,8 @@ def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         return dx.zero_()
     if algo == "im2col":
         ktot = geo.groups * geo.Kg
-        dcol = new_output((geo.M_out, ktot), x)
+        # fp32 column gradient: col2im's sum over taps is still part of the fp32 accumulation
+        dcol = new_output((geo.M_out, ktot), x, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(geo.M_out, meta["BLOCK_M"]) * triton.cdiv(geo.Kg, meta["BLOCK_N"]),
                              geo.groups)
         _dgrad_col_gemm_kernel[grid](
@@ -735,8 +736,9 @@ def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         return dw.zero_()
     mode = _mode(geo, algo)
     col = _im2col(x, geo) if mode == MODE_COL else x
-    tile = 32 if _INTERPRET else 128
-    out_tiles = triton.cdiv(geo.Cout_g, tile) * triton.cdiv(geo.Kg, tile) * geo.groups
+    tile = 32 if _INTERPRET else 128   # a typical tile edge, to size the split
+    n_tiles = geo.KH * geo.KW * triton.cdiv(geo.Cg, tile) if mode == MODE_TILED else triton.cdiv(geo.Kg, tile)
+    out_tiles = triton.cdiv(geo.Cout_g, tile) * n_tiles * geo.groups
     splits, chunk = _split_k(geo.M_out, out_tiles, x.device)
     if splits > 65535:
         splits, chunk = 65535, triton.cdiv(geo.M_out, 65535)
