@@ -95,6 +95,12 @@ def _prune_by(m_arg: str | None, n_arg: str):
     return prune
 
 
+def _prune_wgrad(configs, named_args, **kwargs):
+    """wgrad columns: (kh, kw, channel block) tiles in MODE 0, so the channel count bounds BLOCK_N there."""
+    n_arg = "Cg" if kwargs.get("MODE", MODE_TILED) == MODE_TILED else "Kg"
+    return _prune_by("Cout_g", n_arg)(configs, named_args, **kwargs)
+
+
 def _even(dim: str, block: str):
     return lambda a: a[dim] % a[block] == 0
 
@@ -299,7 +305,7 @@ def _conv_dgrad_kernel(
 # MODE 0: a column tile is (kh, kw, BLOCK_N channels); MODE 1: BLOCK_N flat (kh, kw, c); MODE 2: im2col buffer.
 # ----------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_GEMM_CONFIGS, key=["Cout_g", "Cg", "KH", "KW", "k_chunk", "MODE"],
-                 prune_configs_by={"early_config_prune": _prune_by("Cout_g", "Kg")})
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_N"), "EVEN_CO": _even("Cout_g", "BLOCK_M")})
 @triton.jit
 def _conv_wgrad_kernel(
@@ -640,7 +646,7 @@ def _split_k(total: int, out_tiles: int, device: torch.device) -> tuple[int, int
         target, min_chunk, align = 2 * _num_sms(device.index or 0), 2048, 128
     else:  # interpreter: a few splits, so the tests exercise the reduction
         target, min_chunk, align = 2, 32, 16
-    splits = max(1, min(target // max(out_tiles, 1), triton.cdiv(total, min_chunk)))
+    splits = max(1, min(target // max(out_tiles, 1), triton.cdiv(total, min_chunk), 65535))  # grid axis 1
     chunk = triton.cdiv(triton.cdiv(total, splits), align) * align
     return triton.cdiv(total, chunk), chunk
 
@@ -650,6 +656,14 @@ def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
     L = out.numel()
     block = 1024 if not _INTERPRET else 256
     _sum_splits_kernel[(triton.cdiv(L, block),)](ws, out, L, ws.shape[0], BLOCK=block)
+
+
+def _kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the GEMM kernels like it: channels_last (C_out, KH, KW, Cg), so a K-tile of channels
+    (forward) or a tile of input channels (dgrad) is contiguous. A no-op when the weight already is (as after
+    model.to(memory_format=torch.channels_last)); otherwise one copy of the weight, which is tiny next to
+    the activations (VGG16's largest: 2.4M elements vs 6.4M pixels x 64 channels)."""
+    return weight.contiguous(memory_format=torch.channels_last)
 
 
 def _mode(geo: _Geometry, algo: str) -> int:
@@ -681,6 +695,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if y.numel() == 0:
         return y
     mode = _mode(geo, algo)
+    weight = _kernel_weight(weight)
     with _device_guard(x):
         col = _im2col(x, geo) if mode == MODE_COL else x
         grid = lambda meta: (triton.cdiv(geo.M_out, meta["BLOCK_M"]) * triton.cdiv(geo.Cout_g, meta["BLOCK_N"]),
@@ -707,6 +722,7 @@ def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         return dx
     if geo.Cout_g * geo.KH * geo.KW == 0:
         return dx.zero_()
+    weight = _kernel_weight(weight)
     if algo == "im2col":
         ktot = geo.groups * geo.Kg
         # fp32 column gradient: col2im's sum over taps is still part of the fp32 accumulation
@@ -740,9 +756,6 @@ def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
     n_tiles = geo.KH * geo.KW * triton.cdiv(geo.Cg, tile) if mode == MODE_TILED else triton.cdiv(geo.Kg, tile)
     out_tiles = triton.cdiv(geo.Cout_g, tile) * n_tiles * geo.groups
     splits, chunk = _split_k(geo.M_out, out_tiles, x.device)
-    if splits > 65535:
-        splits, chunk = 65535, triton.cdiv(geo.M_out, 65535)
-        splits = triton.cdiv(geo.M_out, chunk)
     direct = splits == 1 and dw.dtype == torch.float32
     ws = dw if direct else new_output((splits, *weight.shape), weight, dtype=torch.float32)
 
@@ -771,9 +784,6 @@ def _bias_grad(grad_out, geo: _Geometry) -> torch.Tensor:
     bp, bc = (16, 16) if _INTERPRET else (64, 64)
     c_tiles = triton.cdiv(geo.Cout, bc)
     splits, chunk = _split_k(geo.M_out, c_tiles, grad_out.device)
-    splits = min(splits, 65535)
-    chunk = triton.cdiv(geo.M_out, splits)
-    splits = triton.cdiv(geo.M_out, chunk)
     ws = new_output((splits, geo.Cout), grad_out, dtype=torch.float32)
     _bias_grad_kernel[(c_tiles, splits)](grad_out, ws, geo.M_out, geo.Cout, geo.P * geo.Q, geo.Q, chunk,
                                          *grad_out.stride(), BLOCK_P=bp, BLOCK_C=bc)
@@ -795,9 +805,8 @@ def conv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if tuple(grad_out.shape) != expected:
         raise RuntimeError(f"grad_out must have shape {list(expected)}, got {list(grad_out.shape)}")
     prec = _precision(x.dtype)
-    empty = x.new_empty(0)
     with _device_guard(x):
-        grad_x = _dgrad(grad_out, x, weight, geo, algo, prec) if output_mask[0] else empty
+        grad_x = _dgrad(grad_out, x, weight, geo, algo, prec) if output_mask[0] else x.new_empty(0)
         grad_w = _wgrad(grad_out, x, weight, geo, algo, prec) if output_mask[1] else x.new_empty(0)
         grad_b = _bias_grad(grad_out, geo) if output_mask[2] else x.new_empty(0)
     return grad_x, grad_w, grad_b
