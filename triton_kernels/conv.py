@@ -1,6 +1,7 @@
 """Conv2d kernels: implicit GEMM (forward, dgrad, wgrad), explicit im2col + GEMM, bias and bias gradient.
 
-Tensors (any strides: NCHW and channels_last are read in place, never copied):
+Tensors (any strides: x and grad_out, NCHW or channels_last, are read in place, never copied; the small
+weight is handed to the kernels channels_last, a no-op when it already is, see _kernel_weight):
     x:        (N, C_in, H, W)                float32|float16|bfloat16
     weight:   (C_out, C_in/groups, KH, KW)   same dtype
     bias:     (C_out,) or None               same dtype
