@@ -25,6 +25,10 @@ import triton.language as tl
 from ._common import check_tensor, is_channels_last, new_output
 
 TARGET_PROGRAMS = 2048  # per launch on a GPU (~16 per SM on an H100): enough to saturate memory bandwidth
+NCHW_BLOCK_R = 2048     # values of one channel per tile (NCHW)
+NHWC_TILE = 4096        # values per tile (NHWC): BLOCK_R rows x BLOCK_C channels
+INTERPRETER_PROGRAMS = 4  # CPU tensors (TRITON_INTERPRET=1) run programs one by one: few, long ones
+# (module constants so the tests can shrink them and exercise multi-tile, multi-program splits)
 
 
 @triton.jit
@@ -72,13 +76,14 @@ def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_
 
 
 @triton.jit
-def _bn_apply_kernel(X_ptr, Y_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
+def _bn_apply_kernel(X_ptr, Y_ptr, MEAN_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                      RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = relu?(x * a + b), a, b: (C,) float32; y has x's strides."""
+    """y = relu?((x - mean) * a + b), mean, a, b: (C,) float32; y has x's strides."""
     q = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols_off = cols.to(tl.int64) * CS
+    mean = tl.load(MEAN_ptr + cols, mask=cmask, other=0.0)[None, :]
     a = tl.load(A_ptr + cols, mask=cmask, other=0.0)[None, :]
     b = tl.load(B_ptr + cols, mask=cmask, other=0.0)[None, :]
     p_start = (q // n_rchunks) * PG
@@ -89,7 +94,7 @@ def _bn_apply_kernel(X_ptr, Y_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, PG, CHUNK,
     for _p in range(p_start, p_end):
         for r0 in range(r_start, r_end, BLOCK_R):
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
-            y = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) * a + b
+            y = (tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean) * a + b
             if RELU:
                 y = tl.where(y <= 0.0, 0.0, y)  # NaN <= 0 is false: NaN propagates
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=m)
@@ -100,7 +105,7 @@ def _bn_apply_kernel(X_ptr, Y_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, PG, CHUNK,
 def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SDYX_ptr,
                                P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                                RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial sum(g') and sum(g' * (x - mean)) per channel, g' = g * (x*a + b > 0 if RELU): (Q, C) float32."""
+    """Partial sum(g') and sum(g' * (x - mean)) per channel, g' = g * ((x - mean)*a + b > 0 if RELU): (Q, C) float32."""
     q = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -118,12 +123,12 @@ def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SD
     for _p in range(p_start, p_end):
         for r0 in range(r_start, r_end, BLOCK_R):
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
-            x = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            xm = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean
             g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
             if RELU:
-                g = tl.where(x * a + b > 0.0, g, 0.0)
+                g = tl.where(xm * a + b > 0.0, g, 0.0)
             sdy += g
-            sdyx += tl.where(m, g * (x - mean), 0.0)
+            sdyx += tl.where(m, g * xm, 0.0)
         base += PS
     out = q.to(tl.int64) * C + cols
     tl.store(SDY_ptr + out, tl.sum(sdy, axis=0), mask=cmask)
@@ -131,14 +136,15 @@ def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SD
 
 
 @triton.jit
-def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, A_ptr, B_ptr, K1_ptr, K2_ptr, K3_ptr,
+def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, MEAN_ptr, A_ptr, B_ptr, K1_ptr, K2_ptr, K3_ptr,
                               P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                               RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = k1 * g' + k2 * x + k3 (per-channel k: see bn_backward_elemt); dx has x's strides."""
+    """dx = k1 * g' + k2 * (x - mean) + k3 (per-channel k: see bn_backward_elemt); dx has x's strides."""
     q = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols_off = cols.to(tl.int64) * CS
+    mean = tl.load(MEAN_ptr + cols, mask=cmask, other=0.0)[None, :]
     a = tl.load(A_ptr + cols, mask=cmask, other=0.0)[None, :]
     b = tl.load(B_ptr + cols, mask=cmask, other=0.0)[None, :]
     k1 = tl.load(K1_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -152,11 +158,11 @@ def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, A_ptr, B_ptr, K1_ptr, K2_ptr
     for _p in range(p_start, p_end):
         for r0 in range(r_start, r_end, BLOCK_R):
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
-            x = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            xm = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean
             g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
             if RELU:
-                g = tl.where(x * a + b > 0.0, g, 0.0)
-            tl.store(DX_ptr + offs, (k1 * g + k2 * x + k3).to(DX_ptr.dtype.element_ty), mask=m)
+                g = tl.where(xm * a + b > 0.0, g, 0.0)
+            tl.store(DX_ptr + offs, (k1 * g + k2 * xm + k3).to(DX_ptr.dtype.element_ty), mask=m)
         base += PS
 
 
@@ -171,14 +177,14 @@ class _Walk:
         if is_channels_last(x):
             self.P, self.R, self.PS, self.RS, self.CS = 1, n * hw, 0, c, 1
             self.BLOCK_C = min(64, triton.next_power_of_2(max(c, 1)))
-            block_r = max(1, 4096 // self.BLOCK_C)
+            block_r = max(1, NHWC_TILE // self.BLOCK_C)
         else:
             self.P, self.R, self.PS, self.RS, self.CS = n, hw, c * hw, 1, hw
             self.BLOCK_C = 1
-            block_r = 2048
+            block_r = NCHW_BLOCK_R
         self.BLOCK_R = min(block_r, triton.next_power_of_2(max(self.R, 1)))
         # Tiles per program: about total / TARGET; whole planes grouped when a plane is small.
-        target = 4 if x.device.type == "cpu" else TARGET_PROGRAMS  # the interpreter runs programs one by one
+        target = INTERPRETER_PROGRAMS if x.device.type == "cpu" else TARGET_PROGRAMS
         c_blocks = triton.cdiv(c, self.BLOCK_C)
         tiles_per_plane = triton.cdiv(max(self.R, 1), self.BLOCK_R)
         per_prog = max(1, self.P * tiles_per_plane * c_blocks // target)
@@ -235,11 +241,12 @@ def _grad_like(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _coefs(x, mean, invstd, weight, bias):
-    """Per-channel a = weight * invstd, b = bias - mean * a (float32): y = x * a + b."""
+    """Per-channel a = weight * invstd, b = bias (float32): y = (x - mean) * a + b. (Not x * a + (b - mean * a):
+    that cancels catastrophically when |mean| >> std.)"""
     mean, invstd = _check_vec(mean, x, "mean"), _check_vec(invstd, x, "invstd")
     a = invstd if weight is None else _check_vec(weight, x, "weight") * invstd
-    b = -mean * a if bias is None else _check_vec(bias, x, "bias") - mean * a
-    return mean, invstd, a.contiguous(), b.contiguous()
+    b = torch.zeros_like(mean) if bias is None else _check_vec(bias, x, "bias")
+    return mean, invstd, a.contiguous(), b
 
 
 def _like_x(x: torch.Tensor) -> torch.Tensor:
@@ -270,11 +277,11 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
     """y = relu?((x - mean) * invstd * weight + bias): x's shape, dtype and memory format."""
     x = _check_x(x)
-    _, _, a, b = _coefs(x, mean, invstd, weight, bias)
+    mean, _, a, b = _coefs(x, mean, invstd, weight, bias)
     y = _like_x(x)
     if x.numel():
         walk = _Walk(x)
-        _bn_apply_kernel[walk.grid](x, y, a, b, *walk.args(), RELU=relu, **walk.meta())
+        _bn_apply_kernel[walk.grid](x, y, mean, a, b, *walk.args(), RELU=relu, **walk.meta())
     return y
 
 
@@ -295,8 +302,8 @@ def bn_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bool) -> t
 
 def bn_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count: float,
                       relu: bool) -> torch.Tensor:
-    """dx = k1 * g' + k2 * x + k3 with k1 = weight * invstd and, in training (sum_dy given),
-    k2 = -k1 * invstd^2 * sum_dy_xmu / count, k3 = -k1 * sum_dy / count - k2 * mean (else k2 = k3 = 0)."""
+    """dx = k1 * g' + k2 * (x - mean) + k3 with k1 = weight * invstd and, in training (sum_dy given),
+    k2 = -k1 * invstd^2 * sum_dy_xmu / count, k3 = -k1 * sum_dy / count (else k2 = k3 = 0)."""
     x = _check_x(x)
     g = _grad_like(grad_out, x)
     mean, invstd, a, b = _coefs(x, mean, invstd, weight, bias)
@@ -308,12 +315,12 @@ def bn_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xm
             raise ValueError(f"count must be positive, got {count}")
         sum_dy, sum_dy_xmu = _check_vec(sum_dy, x, "sum_dy"), _check_vec(sum_dy_xmu, x, "sum_dy_xmu")
         k2 = -k1 * invstd * invstd * sum_dy_xmu / count
-        k3 = -k1 * sum_dy / count - k2 * mean
+        k3 = -k1 * sum_dy / count
     else:
         k2 = k3 = torch.zeros_like(k1)
     dx = _like_x(x)
     if x.numel():
         walk = _Walk(x)
-        _bn_backward_elemt_kernel[walk.grid](g, x, dx, a, b, k1.contiguous(), k2.contiguous(), k3.contiguous(),
+        _bn_backward_elemt_kernel[walk.grid](g, x, dx, mean, a, b, k1.contiguous(), k2.contiguous(), k3.contiguous(),
                                              *walk.args(), RELU=relu, **walk.meta())
     return dx

@@ -164,10 +164,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_) {
 }
 
 // ------------------------------------------------------------------ per-channel coefficients
-// y = x * a + b with a = weight * invstd, b = bias - mean * a: the forward's formula, recomputed
-// bit for bit in the backward for the ReLU mask.
+// y = (x - mean) * a + b with a = weight * invstd, b = bias: the forward's formula, recomputed bit for bit
+// in the backward for the ReLU mask. (Not x * a' + b' with b' = bias - mean * a: that cancels
+// catastrophically when |mean| >> std.)
 struct Coefs {
-  at::Tensor a, b;
+  at::Tensor mean, a, b;
 };
 
 Coefs affine_coefs(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
@@ -177,9 +178,7 @@ Coefs affine_coefs(const at::Tensor& x, const at::Tensor& mean, const at::Tensor
   bn::check_channel_vec(invstd, x, "invstd", st);
   at::Tensor w = bn::affine_or(weight, x, "weight", 1.0);
   at::Tensor bias_ = bn::affine_or(bias, x, "bias", 0.0);
-  at::Tensor a = (w * invstd).contiguous();
-  at::Tensor b = (bias_ - mean * a).contiguous();
-  return {a, b};
+  return {mean.contiguous(), (w * invstd).contiguous(), bias_};
 }
 
 // Calls body(offset, len, c_or_-1) over the dense layout in parallel: NCHW runs are one channel's
@@ -203,25 +202,26 @@ void apply_impl(const at::Tensor& x, at::Tensor& y, const Geometry& g, const Coe
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const at::Tensor a_t = k.a.to(c10::CppTypeToScalarType<opmath_t>::value);
-  const at::Tensor b_t = k.b.to(c10::CppTypeToScalarType<opmath_t>::value);
+  constexpr auto om = c10::CppTypeToScalarType<opmath_t>::value;
+  const at::Tensor a_t = k.a.to(om), b_t = k.b.to(om), m_t = k.mean.to(om);
   const opmath_t* A = a_t.const_data_ptr<opmath_t>();
   const opmath_t* B = b_t.const_data_ptr<opmath_t>();
+  const opmath_t* MU = m_t.const_data_ptr<opmath_t>();
   for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
     const scalar_t* xi = xp + off;
     scalar_t* yo = yp + off;
     if (c >= 0) {
-      const opmath_t a = A[c], b = B[c];
+      const opmath_t a = A[c], b = B[c], mu = MU[c];
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        opmath_t v = static_cast<opmath_t>(xi[i]) * a + b;
+        opmath_t v = (static_cast<opmath_t>(xi[i]) - mu) * a + b;
         if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;  // NaN <= 0 is false: NaN propagates
         yo[i] = static_cast<scalar_t>(v);
       }
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        opmath_t v = static_cast<opmath_t>(xi[i]) * A[i] + B[i];
+        opmath_t v = (static_cast<opmath_t>(xi[i]) - MU[i]) * A[i] + B[i];
         if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;
         yo[i] = static_cast<scalar_t>(v);
       }
@@ -249,12 +249,12 @@ at::Tensor batch_norm_apply_cpu(const at::Tensor& x_, const at::Tensor& mean, co
 // One reduction pass: sum_dy = sum(g'), sum_dy_xmu = sum(g' * (x - mean)), g' = g * (x*a + b > 0 if relu).
 template <typename scalar_t, bool RELU>
 std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, const at::Tensor& x, const Geometry& g,
-                                                       const at::Tensor& mean, const Coefs& k) {
+                                                       const Coefs& k) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr auto om = c10::CppTypeToScalarType<opmath_t>::value;
   const scalar_t* gp = gy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const at::Tensor a_t = k.a.to(om), b_t = k.b.to(om), m_t = mean.to(om).contiguous();
+  const at::Tensor a_t = k.a.to(om), b_t = k.b.to(om), m_t = k.mean.to(om);
   const opmath_t* A = a_t.const_data_ptr<opmath_t>();
   const opmath_t* B = b_t.const_data_ptr<opmath_t>();
   const opmath_t* MU = m_t.const_data_ptr<opmath_t>();
@@ -275,11 +275,11 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, co
           opmath_t s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
           for (int64_t i = 0; i < len; ++i) {
-            const opmath_t xv = static_cast<opmath_t>(xi[i]);
+            const opmath_t xm = static_cast<opmath_t>(xi[i]) - mu;
             opmath_t gv = static_cast<opmath_t>(gi[i]);
-            if (RELU) gv = (xv * a + bb > opmath_t(0)) ? gv : opmath_t(0);
+            if (RELU) gv = (xm * a + bb > opmath_t(0)) ? gv : opmath_t(0);
             s1 += gv;
-            s2 += gv * (xv - mu);
+            s2 += gv * xm;
           }
           sdy += s1;
           sdyx += s2;
@@ -306,11 +306,11 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, co
             const scalar_t* xi = xp + r * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              const opmath_t xv = static_cast<opmath_t>(xi[c]);
+              const opmath_t xm = static_cast<opmath_t>(xi[c]) - MU[c];
               opmath_t gv = static_cast<opmath_t>(gi[c]);
-              if (RELU) gv = (xv * A[c] + B[c] > opmath_t(0)) ? gv : opmath_t(0);
+              if (RELU) gv = (xm * A[c] + B[c] > opmath_t(0)) ? gv : opmath_t(0);
               s1[c] += gv;
-              s2[c] += gv * (xv - MU[c]);
+              s2[c] += gv * xm;
             }
           }
           for (int64_t c = 0; c < C; ++c) {
@@ -358,21 +358,22 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(
   const Geometry g = geometry_of(x);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
-    out = relu ? backward_reduce_impl<scalar_t, true>(gy, x, g, mean, k)
-               : backward_reduce_impl<scalar_t, false>(gy, x, g, mean, k);
+    out = relu ? backward_reduce_impl<scalar_t, true>(gy, x, g, k)
+               : backward_reduce_impl<scalar_t, false>(gy, x, g, k);
   });
   return out;
 }
 
-// One elementwise pass: dx = k1 * g' + k2 * x + k3 with per-channel
-//   k1 = weight * invstd,  k2 = -k1 * invstd^2 * sum_dy_xmu / M,  k3 = -k1 * sum_dy / M - k2 * mean
-// (training; eval: k2 = k3 = 0), the expansion of weight*invstd*(g' - sum_dy/M - (x-mean)*invstd^2*sum_dy_xmu/M).
+// One elementwise pass: dx = k1 * g' + k2 * (x - mean) + k3 with per-channel
+//   k1 = weight * invstd,  k2 = -k1 * invstd^2 * sum_dy_xmu / M,  k3 = -k1 * sum_dy / M
+// (training; eval: k2 = k3 = 0), i.e. weight*invstd*(g' - sum_dy/M - (x-mean)*invstd^2*sum_dy_xmu/M).
 template <typename scalar_t, bool RELU>
 void backward_elemt_impl(const at::Tensor& gy, const at::Tensor& x, at::Tensor& dx, const Geometry& g,
                          const Coefs& k, const at::Tensor& k1_t, const at::Tensor& k2_t, const at::Tensor& k3_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr auto om = c10::CppTypeToScalarType<opmath_t>::value;
-  const at::Tensor a_t = k.a.to(om), b_t = k.b.to(om);
+  const at::Tensor a_t = k.a.to(om), b_t = k.b.to(om), m_t = k.mean.to(om);
+  const opmath_t* MU = m_t.const_data_ptr<opmath_t>();
   const at::Tensor k1c = k1_t.to(om).contiguous(), k2c = k2_t.to(om).contiguous(), k3c = k3_t.to(om).contiguous();
   const opmath_t *A = a_t.const_data_ptr<opmath_t>(), *B = b_t.const_data_ptr<opmath_t>();
   const opmath_t *K1 = k1c.const_data_ptr<opmath_t>(), *K2 = k2c.const_data_ptr<opmath_t>(),
@@ -385,21 +386,21 @@ void backward_elemt_impl(const at::Tensor& gy, const at::Tensor& x, at::Tensor& 
     const scalar_t* xi = xp + off;
     scalar_t* di = dp + off;
     if (c >= 0) {
-      const opmath_t a = A[c], b = B[c], k1 = K1[c], k2 = K2[c], k3 = K3[c];
+      const opmath_t a = A[c], b = B[c], mu = MU[c], k1 = K1[c], k2 = K2[c], k3 = K3[c];
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const opmath_t xv = static_cast<opmath_t>(xi[i]);
+        const opmath_t xm = static_cast<opmath_t>(xi[i]) - mu;
         opmath_t gv = static_cast<opmath_t>(gi[i]);
-        if (RELU) gv = (xv * a + b > opmath_t(0)) ? gv : opmath_t(0);
-        di[i] = static_cast<scalar_t>(k1 * gv + k2 * xv + k3);
+        if (RELU) gv = (xm * a + b > opmath_t(0)) ? gv : opmath_t(0);
+        di[i] = static_cast<scalar_t>(k1 * gv + k2 * xm + k3);
       }
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const opmath_t xv = static_cast<opmath_t>(xi[i]);
+        const opmath_t xm = static_cast<opmath_t>(xi[i]) - MU[i];
         opmath_t gv = static_cast<opmath_t>(gi[i]);
-        if (RELU) gv = (xv * A[i] + B[i] > opmath_t(0)) ? gv : opmath_t(0);
-        di[i] = static_cast<scalar_t>(K1[i] * gv + K2[i] * xv + K3[i]);
+        if (RELU) gv = (xm * A[i] + B[i] > opmath_t(0)) ? gv : opmath_t(0);
+        di[i] = static_cast<scalar_t>(K1[i] * gv + K2[i] * xm + K3[i]);
       }
     }
   });
@@ -427,7 +428,7 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_out, const at::T
     bn::check_channel_vec(*sum_dy_xmu, x, "sum_dy_xmu", st);
     TORCH_CHECK(count > 0, "count must be positive, got ", count);
     k2 = -k1 * invstd * invstd * (*sum_dy_xmu) / count;
-    k3 = -k1 * (*sum_dy) / count - k2 * mean;
+    k3 = -k1 * (*sum_dy) / count;
   }
   at::Tensor dx = new_output(x.sizes(), x.options(), fmt);
   const Geometry g = geometry_of(x);

@@ -20,7 +20,7 @@ They are split where sync BN (torch.distributed) has to reduce across ranks:
   and sum_dy / sum_dy_xmu before any dx.
 
 Saved for backward: x (not y) and the per-channel mean and invstd. The ReLU mask is recomputed from x
-as (x * a + b > 0) with the forward's own per-channel a = weight*invstd, b = bias - mean*a, in float32
+as ((x - mean) * a + bias > 0) with the forward's own per-channel a = weight * invstd, in float32
 -- the value the forward rounded to y, so the same sign -- which costs no extra memory or bytes (x is
 read anyway for x - mean); saving y as well (what torch's BatchNorm2d + ReLU does) would cost a tensor.
 
@@ -166,7 +166,7 @@ def _check_args(input, running_mean, running_var, weight, bias, training):
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for \'{str(input.dtype).split(".")[-1].capitalize()}\'')
     c = input.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     if not training and (running_mean is None or running_var is None):
