@@ -234,6 +234,16 @@ def test_compiled_backward_matches_float64_gradcheck_formula(backend):
         assert_close(g, r)
 
 
+@pytest.mark.skipif("cpp" not in COMPILED, reason="fusedcnn._C not built")
+def test_torch_compile_fullgraph_cpp():
+    """The training step (stats -> running update -> apply, fused backward) traces without graph breaks."""
+    ours, theirs = make_pair(True, "cpp")
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x, grad = randn(*SHAPE), randn(*SHAPE)
+    assert_all_close(run(compiled, x, grad), run(theirs, x, grad), torch.float32)
+    assert_close(ours.running_var, theirs[0].running_var)
+
+
 # ----------------------------------------------------------------- module API and bad input
 @pytest.mark.parametrize("backend", backend_params())
 def test_bad_input_messages_match_torch(backend):
