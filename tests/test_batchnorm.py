@@ -130,15 +130,23 @@ def test_nan_propagates_like_torch(backend, relu):
     assert torch.isnan(ours.running_mean[1]) and torch.isnan(ours.running_var[2])
 
 
-@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] != "torch"])
+MULTI_BLOCK_CASES = [pytest.param(b.values[0], programs, id=f"{b.values[0]}-{programs}progs", marks=b.marks)
+                     for b in backend_params() if b.values[0] != "torch"
+                     for programs in ((64, 1) if b.values[0] == "triton" else (None,))]
+
+
+@pytest.mark.parametrize("backend,programs", MULTI_BLOCK_CASES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_multi_block_statistics_are_stable(backend, channels_last, monkeypatch):
+def test_multi_block_statistics_are_stable(backend, programs, channels_last, monkeypatch):
     """Values 1e3 standard deviations off zero, over many tiles/blocks/programs: results as float64's
     (a sum-of-squares variance, E[x^2] - E[x]^2 in float32, would be off by ~10%)."""
     if backend == "triton":  # shrink the tiles so the interpreter runs many tiles and programs
         import fusedcnn.triton_kernels.batchnorm as tk
         monkeypatch.setattr(tk, "NCHW_BLOCK_R", 16)
         monkeypatch.setattr(tk, "NHWC_TILE", 32)
+        monkeypatch.setattr(tk, "COMBINE_BLOCK_Q", 4)
+        # 64: many programs, each a chunk of rows; 1: one program looping over several planes
+        monkeypatch.setattr(tk, "INTERPRETER_PROGRAMS", programs)
         shape = (3, 2, 9, 11)
     else:
         shape = (3, 2, 47, 49)  # cpp: planes of 2,303 > one 2,048-value block; NHWC: several row chunks

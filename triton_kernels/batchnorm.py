@@ -27,6 +27,7 @@ from ._common import check_tensor, is_channels_last, new_output
 TARGET_PROGRAMS = 2048  # per launch on a GPU (~16 per SM on an H100): enough to saturate memory bandwidth
 NCHW_BLOCK_R = 2048     # values of one channel per tile (NCHW)
 NHWC_TILE = 4096        # values per tile (NHWC): BLOCK_R rows x BLOCK_C channels
+COMBINE_BLOCK_Q = 32   # partials per combine step
 INTERPRETER_PROGRAMS = 4  # CPU tensors (TRITON_INTERPRET=1) run programs one by one: few, long ones
 # (module constants so the tests can shrink them and exercise multi-tile, multi-program splits)
 
@@ -73,6 +74,40 @@ def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_
     out = q.to(tl.int64) * C + cols
     tl.store(MEAN_ptr + out, mean, mask=cmask)
     tl.store(M2_ptr + out, m2, mask=cmask)
+
+
+@triton.jit
+def _bn_combine_kernel(PMEAN_ptr, PM2_ptr, MEAN_ptr, VAR_ptr, Q, C, P, R, PG, CHUNK, n_rchunks,
+                       BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tiny combine: merge the (Q, C) partials of _bn_stats_kernel into mean, biased var: (C,) float32.
+    Partial q covers min(PG, P - pg*PG) planes x min(CHUNK, R - rc*CHUNK) rows (pg, rc = divmod(q, n_rchunks));
+    tiles of BLOCK_Q partials are merged exactly (weighted mean, M2 + n (mean_q - mean)^2), tiles by Chan."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    n = tl.zeros((), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        qs = q0 + tl.arange(0, BLOCK_Q)
+        qmask = qs < Q
+        planes = tl.minimum(PG, P - (qs // n_rchunks) * PG)
+        rows = tl.minimum(CHUNK, R - (qs % n_rchunks) * CHUNK)
+        cnt = tl.where(qmask, planes.to(tl.float32) * rows.to(tl.float32), 0.0)[:, None]
+        offs = qs.to(tl.int64)[:, None] * C + cols[None, :]
+        m = qmask[:, None] & cmask[None, :]
+        pmean = tl.load(PMEAN_ptr + offs, mask=m, other=0.0)
+        pm2 = tl.load(PM2_ptr + offs, mask=m, other=0.0)
+        nb = tl.sum(cnt, axis=0)  # (1,) -> same for every channel
+        bmean = tl.sum(cnt * pmean, axis=0) / nb
+        dev = tl.where(m, pmean - bmean[None, :], 0.0)
+        bm2 = tl.sum(pm2 + cnt * dev * dev, axis=0)
+        tot = n + nb
+        delta = bmean - mean
+        mean += delta * (nb / tot)
+        m2 += bm2 + delta * delta * (n * nb / tot)
+        n = tot
+    tl.store(MEAN_ptr + cols, mean, mask=cmask)
+    tl.store(VAR_ptr + cols, m2 / n, mask=cmask)
 
 
 @triton.jit
@@ -202,14 +237,6 @@ class _Walk:
     def meta(self):
         return dict(BLOCK_R=self.BLOCK_R, BLOCK_C=self.BLOCK_C)
 
-    def counts(self, device) -> torch.Tensor:
-        """(Q, 1) float64: how many values per channel each partial q covers."""
-        q = torch.arange(self.Q, device=device, dtype=torch.float64)
-        pg, rc = torch.div(q, self.n_rchunks, rounding_mode="floor"), torch.remainder(q, self.n_rchunks)
-        planes = torch.clamp(self.P - pg * self.PG, max=self.PG)
-        rows = torch.clamp(self.R - rc * self.CHUNK, max=self.CHUNK)
-        return (planes * rows)[:, None]
-
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
     """x as NCHW- or NHWC-dense (no copy when it already is)."""
@@ -264,14 +291,12 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pmean = torch.empty((walk.Q, c), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     _bn_stats_kernel[walk.grid](x, pmean, pm2, *walk.args(), **walk.meta())
-    # Combine (Chan, float64, (Q, C) numbers): n = sum n_q; mean = sum n_q mean_q / n;
-    # M2 = sum M2_q + sum n_q (mean_q - mean)^2.
-    cnt = walk.counts(x.device)
-    pmean, pm2 = pmean.double(), pm2.double()
-    total = cnt.sum()
-    mean = (cnt * pmean).sum(0) / total
-    m2 = pm2.sum(0) + (cnt * (pmean - mean) ** 2).sum(0)
-    return mean.float(), (m2 / total).float()
+    mean = torch.empty(c, device=x.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    block_c = min(64, triton.next_power_of_2(c))
+    _bn_combine_kernel[(triton.cdiv(c, block_c),)](pmean, pm2, mean, var, walk.Q, c, walk.P, walk.R, walk.PG,
+                                                   walk.CHUNK, walk.n_rchunks, BLOCK_Q=COMBINE_BLOCK_Q, BLOCK_C=block_c)
+    return mean, var
 
 
 def bn_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
