@@ -33,12 +33,36 @@ INTERPRETER_PROGRAMS = 4  # CPU tensors (TRITON_INTERPRET=1) run programs one by
 
 
 @triton.jit
-def _tile(base, r0, R_end, RS, cols_off, cmask, BLOCK_R: tl.constexpr):
-    """int64 offsets and mask of rows [r0, r0 + BLOCK_R) of the plane starting at `base` (int64)."""
+def _tile(base, r0, R_end, RS, cols_off, cmask, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """int64 offsets and mask of rows [r0, r0 + BLOCK_R) of the plane starting at `base`.
+    BLOCK_C == 1 (NCHW): a 1-D run of one channel -- 1-D so Triton vectorizes the loads along it
+    (a (BLOCK_R, 1) tile compiles to 16-bit scalar loads); else a (BLOCK_R, BLOCK_C) tile."""
     rows = r0 + tl.arange(0, BLOCK_R)
     rmask = rows < R_end
-    offs = base + rows.to(tl.int64)[:, None] * RS + cols_off[None, :]
-    return offs, rmask[:, None] & cmask[None, :]
+    if BLOCK_C == 1:
+        offs = base + rows.to(tl.int64) * RS + cols_off
+        m = rmask & cmask
+    else:
+        offs = base + rows.to(tl.int64)[:, None] * RS + cols_off[None, :]
+        m = rmask[:, None] & cmask[None, :]
+    return offs, m
+
+
+@triton.jit
+def _per_channel(v, BLOCK_C: tl.constexpr):
+    """A per-channel (BLOCK_C,) vector (or a reduced scalar) broadcast against a tile from _tile."""
+    if BLOCK_C == 1:
+        return v
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _tile_zeros(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    if BLOCK_C == 1:
+        return tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
 
 
 @triton.jit
@@ -56,21 +80,23 @@ def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_
     n = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    base = p_start.to(tl.int64) * PS
-    for _p in range(p_start, p_end):
-        for r0 in range(r_start, r_end, BLOCK_R):
-            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
+    # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
+    # the divisibility of CHUNK and PS, and vectorizes the loads.
+    for j in range(0, p_end - p_start):
+        base = (p_start + j).to(tl.int64) * PS
+        for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
+            r0 = r_start + t * BLOCK_R
+            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
             x = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32)
             nb = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
             bmean = tl.sum(x, axis=0) / nb
-            d = tl.where(m, x - bmean[None, :], 0.0)
+            d = tl.where(m, x - _per_channel(bmean, BLOCK_C), 0.0)
             bm2 = tl.sum(d * d, axis=0)
             tot = n + nb  # Chan et al.: merge the tile's (nb, bmean, bm2) into (n, mean, m2)
             delta = bmean - mean
             mean += delta * (nb / tot)
             m2 += bm2 + delta * delta * (n * nb / tot)
             n = tot
-        base += PS
     out = q.to(tl.int64) * C + cols
     tl.store(MEAN_ptr + out, mean, mask=cmask)
     tl.store(M2_ptr + out, m2, mask=cmask)
@@ -92,12 +118,13 @@ def _bn_combine_kernel(PMEAN_ptr, PM2_ptr, MEAN_ptr, VAR_ptr, Q, C, P, R, PG, CH
         qmask = qs < Q
         planes = tl.minimum(PG, P - (qs // n_rchunks) * PG)
         rows = tl.minimum(CHUNK, R - (qs % n_rchunks) * CHUNK)
-        cnt = tl.where(qmask, planes.to(tl.float32) * rows.to(tl.float32), 0.0)[:, None]
+        cnt_q = tl.where(qmask, planes.to(tl.float32) * rows.to(tl.float32), 0.0)
+        nb = tl.sum(cnt_q, axis=0)  # a scalar: the same for every channel
+        cnt = cnt_q[:, None]
         offs = qs.to(tl.int64)[:, None] * C + cols[None, :]
         m = qmask[:, None] & cmask[None, :]
         pmean = tl.load(PMEAN_ptr + offs, mask=m, other=0.0)
         pm2 = tl.load(PM2_ptr + offs, mask=m, other=0.0)
-        nb = tl.sum(cnt, axis=0)  # (1,) -> same for every channel
         bmean = tl.sum(cnt * pmean, axis=0) / nb
         dev = tl.where(m, pmean - bmean[None, :], 0.0)
         bm2 = tl.sum(pm2 + cnt * dev * dev, axis=0)
@@ -118,22 +145,24 @@ def _bn_apply_kernel(X_ptr, Y_ptr, MEAN_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, 
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols_off = cols.to(tl.int64) * CS
-    mean = tl.load(MEAN_ptr + cols, mask=cmask, other=0.0)[None, :]
-    a = tl.load(A_ptr + cols, mask=cmask, other=0.0)[None, :]
-    b = tl.load(B_ptr + cols, mask=cmask, other=0.0)[None, :]
+    mean = _per_channel(tl.load(MEAN_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    a = _per_channel(tl.load(A_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    b = _per_channel(tl.load(B_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
     p_start = (q // n_rchunks) * PG
     p_end = tl.minimum(p_start + PG, P)
     r_start = (q % n_rchunks) * CHUNK
     r_end = tl.minimum(r_start + CHUNK, R)
-    base = p_start.to(tl.int64) * PS
-    for _p in range(p_start, p_end):
-        for r0 in range(r_start, r_end, BLOCK_R):
-            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
+    # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
+    # the divisibility of CHUNK and PS, and vectorizes the loads.
+    for j in range(0, p_end - p_start):
+        base = (p_start + j).to(tl.int64) * PS
+        for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
+            r0 = r_start + t * BLOCK_R
+            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
             y = (tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean) * a + b
             if RELU:
                 y = tl.where(y <= 0.0, 0.0, y)  # NaN <= 0 is false: NaN propagates
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=m)
-        base += PS
 
 
 @triton.jit
@@ -145,26 +174,28 @@ def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SD
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols_off = cols.to(tl.int64) * CS
-    mean = tl.load(MEAN_ptr + cols, mask=cmask, other=0.0)[None, :]
-    a = tl.load(A_ptr + cols, mask=cmask, other=0.0)[None, :]
-    b = tl.load(B_ptr + cols, mask=cmask, other=0.0)[None, :]
+    mean = _per_channel(tl.load(MEAN_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    a = _per_channel(tl.load(A_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    b = _per_channel(tl.load(B_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
     p_start = (q // n_rchunks) * PG
     p_end = tl.minimum(p_start + PG, P)
     r_start = (q % n_rchunks) * CHUNK
     r_end = tl.minimum(r_start + CHUNK, R)
-    sdy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    sdyx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    base = p_start.to(tl.int64) * PS
-    for _p in range(p_start, p_end):
-        for r0 in range(r_start, r_end, BLOCK_R):
-            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
+    sdy = _tile_zeros(BLOCK_R, BLOCK_C)
+    sdyx = _tile_zeros(BLOCK_R, BLOCK_C)
+    # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
+    # the divisibility of CHUNK and PS, and vectorizes the loads.
+    for j in range(0, p_end - p_start):
+        base = (p_start + j).to(tl.int64) * PS
+        for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
+            r0 = r_start + t * BLOCK_R
+            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
             xm = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean
             g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
             if RELU:
                 g = tl.where(xm * a + b > 0.0, g, 0.0)
             sdy += g
             sdyx += tl.where(m, g * xm, 0.0)
-        base += PS
     out = q.to(tl.int64) * C + cols
     tl.store(SDY_ptr + out, tl.sum(sdy, axis=0), mask=cmask)
     tl.store(SDYX_ptr + out, tl.sum(sdyx, axis=0), mask=cmask)
@@ -179,26 +210,28 @@ def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, MEAN_ptr, A_ptr, B_ptr, K1_p
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cols_off = cols.to(tl.int64) * CS
-    mean = tl.load(MEAN_ptr + cols, mask=cmask, other=0.0)[None, :]
-    a = tl.load(A_ptr + cols, mask=cmask, other=0.0)[None, :]
-    b = tl.load(B_ptr + cols, mask=cmask, other=0.0)[None, :]
-    k1 = tl.load(K1_ptr + cols, mask=cmask, other=0.0)[None, :]
-    k2 = tl.load(K2_ptr + cols, mask=cmask, other=0.0)[None, :]
-    k3 = tl.load(K3_ptr + cols, mask=cmask, other=0.0)[None, :]
+    mean = _per_channel(tl.load(MEAN_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    a = _per_channel(tl.load(A_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    b = _per_channel(tl.load(B_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    k1 = _per_channel(tl.load(K1_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    k2 = _per_channel(tl.load(K2_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
+    k3 = _per_channel(tl.load(K3_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
     p_start = (q // n_rchunks) * PG
     p_end = tl.minimum(p_start + PG, P)
     r_start = (q % n_rchunks) * CHUNK
     r_end = tl.minimum(r_start + CHUNK, R)
-    base = p_start.to(tl.int64) * PS
-    for _p in range(p_start, p_end):
-        for r0 in range(r_start, r_end, BLOCK_R):
-            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R)
+    # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
+    # the divisibility of CHUNK and PS, and vectorizes the loads.
+    for j in range(0, p_end - p_start):
+        base = (p_start + j).to(tl.int64) * PS
+        for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
+            r0 = r_start + t * BLOCK_R
+            offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
             xm = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean
             g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
             if RELU:
                 g = tl.where(xm * a + b > 0.0, g, 0.0)
             tl.store(DX_ptr + offs, (k1 * g + k2 * xm + k3).to(DX_ptr.dtype.element_ty), mask=m)
-        base += PS
 
 
 # ---------------------------------------------------------------- launchers
