@@ -9,6 +9,7 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
     """Drop-in torch.nn.BatchNorm2d. `backend`: "auto" (default), "torch", "reference", "triton" or "cpp"."""
 
     _apply_relu = False
+    sync = False  # BatchNormReLU2d(sync=True) reduces the statistics across processes
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, backend: str = "auto"):
@@ -32,7 +33,7 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         track = not self.training or self.track_running_stats
         fn = batch_norm_relu if self._apply_relu else batch_norm
         return fn(input, self.running_mean if track else None, self.running_var if track else None,
-                  self.weight, self.bias, use_batch_stats, momentum, self.eps, backend=self.backend)
+                  self.weight, self.bias, use_batch_stats, momentum, self.eps, backend=self.backend, sync=self.sync)
 
 
 class BatchNormReLU2d(BatchNorm2d):

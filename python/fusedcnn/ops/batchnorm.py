@@ -1,29 +1,225 @@
-"""BatchNorm2d (+ReLU). STUB (foundation skeleton): only the torch backend; the batchnorm family replaces this file."""
+"""BatchNorm2d and fused BatchNorm2d+ReLU on every backend.
+
+x: (N, C, H, W) float16|bfloat16|float32 (cpp CPU and reference also float64), NCHW or NHWC;
+the output has x's dtype, shape and memory format. Per-channel statistics are float32 (float64 for
+float64 input); weight/bias/running stats may have any floating dtype (as in AMP: bf16 x, fp32 params).
+
+Four compiled ops per backend (cpp: torch.ops.fusedcnn.<name>; triton: torch.ops.fusedcnn.triton_<name>):
+  batch_norm_stats(x) -> (mean, var)                       per-channel mean, biased variance (stable merge)
+  batch_norm_apply(x, mean, invstd, weight?, bias?, relu) -> y = relu?((x - mean) * invstd * weight + bias)
+  batch_norm_backward_reduce(g, x, mean, invstd, weight?, bias?, relu) -> (sum_dy, sum_dy_xmu)
+  batch_norm_backward_elemt(g, x, mean, invstd, weight?, bias?, sum_dy?, sum_dy_xmu?, count, relu) -> dx
+They are split where sync BN (torch.distributed) has to reduce across ranks:
+
+  training forward:  stats (1 read of x)  ->  [sync: all_gather (count, mean, var), Chan merge]
+                     ->  running-stat update (tiny, (C,) tensors)  ->  apply (1 read of x, 1 write of y)
+  eval forward:      apply with the running stats (1 read, 1 write)
+  backward:          reduce (1 read of g, 1 read of x)  ->  [sync: all_reduce (sum_dy, sum_dy_xmu)]
+                     ->  elemt (1 read of g, 1 read of x, 1 write of dx)
+  = the minimum the math allows: the statistics must be complete before any element is normalized,
+  and sum_dy / sum_dy_xmu before any dx.
+
+Saved for backward: x (not y) and the per-channel mean and invstd. The ReLU mask is recomputed from x
+as ((x - mean) * a + bias > 0) with the forward's own per-channel a = weight * invstd, in float32
+-- the value the forward rounded to y, so the same sign -- which costs no extra memory or bytes (x is
+read anyway for x - mean); saving y as well (what torch's BatchNorm2d + ReLU does) would cost a tensor.
+
+Backward formulas (M = elements per channel over all ranks, g' = g * relu mask):
+  sum_dy = sum(g'),  sum_dy_xmu = sum(g' * (x - mean)),  dbias = sum_dy,  dweight = sum_dy_xmu * invstd
+  training: dx = weight * invstd * (g' - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
+  eval:     dx = weight * invstd * g'
+"""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends
+from fusedcnn import backends, reference
+from fusedcnn.ops._registry import op, register
+from fusedcnn.reference.batchnorm import stats_dtype, update_running_stats
+from fusedcnn.triton_kernels._common import dense_format
 
 FAMILY = "batchnorm"
 
 
+# ---- triton: custom ops over fusedcnn.triton_kernels.batchnorm (imported lazily: triton is optional)
+@torch.library.custom_op("fusedcnn::triton_batch_norm_stats", mutates_args=())
+def _triton_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    from fusedcnn.triton_kernels.batchnorm import bn_stats
+    return bn_stats(x)
+
+
+@torch.library.custom_op("fusedcnn::triton_batch_norm_apply", mutates_args=())
+def _triton_apply(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  relu: bool) -> Tensor:
+    from fusedcnn.triton_kernels.batchnorm import bn_apply
+    return bn_apply(x, mean, invstd, weight, bias, relu)
+
+
+@torch.library.custom_op("fusedcnn::triton_batch_norm_backward_reduce", mutates_args=())
+def _triton_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                            bias: Tensor | None, relu: bool) -> tuple[Tensor, Tensor]:
+    from fusedcnn.triton_kernels.batchnorm import bn_backward_reduce
+    return bn_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu)
+
+
+@torch.library.custom_op("fusedcnn::triton_batch_norm_backward_elemt", mutates_args=())
+def _triton_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                           bias: Tensor | None, sum_dy: Tensor | None, sum_dy_xmu: Tensor | None, count: float,
+                           relu: bool) -> Tensor:
+    from fusedcnn.triton_kernels.batchnorm import bn_backward_elemt
+    return bn_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, relu)
+
+
+# ---- fake functions, shared by triton and cpp
+def _fake_channel_pair(x: Tensor, *rest) -> tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    dt = stats_dtype(x.dtype)
+    return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
+
+
+def _fake_like_x(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
+
+
+register("batch_norm_stats", fake=_fake_channel_pair)
+register("batch_norm_apply", fake=lambda x, *rest: _fake_like_x(x))
+register("batch_norm_backward_reduce", fake=lambda g, x, *rest: _fake_channel_pair(x))
+register("batch_norm_backward_elemt", fake=lambda g, x, *rest: _fake_like_x(x))
+
+
+# ---- autograd over the compiled ops (one Function: sync BN needs collectives between the kernels)
+class _BatchNormApply(torch.autograd.Function):
+    """y = relu?((x - mean) * invstd * weight + bias); when `training`, mean/invstd are x's batch statistics
+    (over every rank of `group`) and the backward differentiates through them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count, training, relu, backend, group):
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.count, ctx.training, ctx.relu, ctx.backend, ctx.group = count, training, relu, backend, group
+        return op(backend, "batch_norm_apply")(x, mean, invstd, weight, bias, relu)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if not (need_x or need_w or need_b):
+            return (None,) * 10
+        sum_dy = sum_dy_xmu = None
+        if ctx.training or need_w or need_b:  # pass 1: per-channel reduction
+            sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_backward_reduce")(
+                grad_out, x, mean, invstd, weight, bias, ctx.relu)
+            if need_w:
+                dw = (sum_dy_xmu * invstd).to(weight.dtype)
+            if need_b:
+                db = sum_dy.to(bias.dtype)
+        if need_x:
+            if ctx.training and ctx.group is not None:  # local dweight/dbias stay local, as torch.nn.SyncBatchNorm
+                both = torch.cat([sum_dy, sum_dy_xmu])
+                torch.distributed.all_reduce(both, group=ctx.group)
+                sum_dy, sum_dy_xmu = both.split(sum_dy.numel())
+            if not ctx.training:
+                sum_dy = sum_dy_xmu = None
+            dx = op(ctx.backend, "batch_norm_backward_elemt")(  # pass 2: elementwise
+                grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, float(ctx.count), ctx.relu)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
+    """Merge every rank's (count, mean, biased var) exactly (Chan et al.): one all_gather of 2C+1 numbers."""
+    world = torch.distributed.get_world_size(group)
+    mine = torch.cat([mean, var, mean.new_tensor([float(count)])])
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(gathered, mine, group=group)
+    allr = torch.stack(gathered)  # (world, 2C+1)
+    c = mean.numel()
+    means, vars_, counts = allr[:, :c], allr[:, c:2 * c], allr[:, 2 * c:]
+    total = counts.sum()
+    g_mean = (counts * means).sum(0) / total
+    g_var = (counts * (vars_ + (means - g_mean) ** 2)).sum(0) / total
+    return g_mean, g_var, int(total.item())
+
+
+def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, group):
+    """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if training:
+        mean, var = op(backend, "batch_norm_stats")(x.detach())
+        if group is not None:
+            mean, var, count = _sync_stats(mean, var, count, group)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        acc = stats_dtype(x.dtype)
+        mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
+    invstd = torch.rsqrt(var + eps)
+    return _BatchNormApply.apply(x, weight, bias, mean, invstd, count, training, relu, backend, group)
+
+
+# ---- argument checks (torch's messages), shared by both functionals
+def _check_args(input, running_mean, running_var, weight, bias, training):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{str(input.dtype).split(".")[-1].capitalize()}\'')
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError(f"running_{'mean' if running_mean is None else 'var'} must be defined in evaluation mode")
+    if training:
+        size = input.numel() // c if c else 0
+        if size <= 1 and input.numel() > 0:  # message and type of torch.nn.functional._verify_batch_size
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def _as_4d(x: Tensor) -> Tensor:
+    """(N, C, *) as (N, C, H, W): a view for 2-D/3-D and contiguous 5-D+ input."""
+    if x.dim() == 4:
+        return x
+    return x.reshape(x.shape[0], x.shape[1], -1, 1)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, sync):
+    _check_args(input, running_mean, running_var, weight, bias, training)
+    name = backends.resolve(backend, input, FAMILY)
+    if momentum is None:
+        momentum = 0.0  # F.batch_norm's momentum=None with given running stats: the module computes 1/n
+    group = None
+    if sync and training and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        group = torch.distributed.group.WORLD
+    if name == "torch":
+        if group is not None:
+            raise RuntimeError("fusedcnn: backend 'torch' has no synchronized batch norm here; "
+                               "use torch.nn.SyncBatchNorm, or backend 'reference', 'triton' or 'cpp' with sync=True")
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(y) if relu else y
+    x = _as_4d(input)
+    if name == "reference":
+        y = reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, group)
+    else:
+        y = _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, name,
+                                 group)
+    return y if input.dim() == 4 else y.reshape(input.shape)
+
+
+# ---- public functional entry points
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-               *, backend: str | None = None) -> Tensor:
-    """torch.nn.functional.batch_norm with a `backend=` choice."""
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    raise NotImplementedError(f"batch_norm: backend {name!r} not written yet")
+               *, backend: str | None = None, sync: bool = False) -> Tensor:
+    """torch.nn.functional.batch_norm with a `backend=` choice; sync=True reduces the batch statistics
+    over torch.distributed's default group (when initialized with more than one process)."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False, backend, sync)
 
 
 def batch_norm_relu(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                     weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-                    momentum: float = 0.1, eps: float = 1e-5, *, backend: str | None = None) -> Tensor:
-    """relu(batch_norm(...)) in one pass."""
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
-    raise NotImplementedError(f"batch_norm_relu: backend {name!r} not written yet")
+                    momentum: float = 0.1, eps: float = 1e-5, *, backend: str | None = None,
+                    sync: bool = False) -> Tensor:
+    """relu(batch_norm(...)) fused: one apply pass forward, one reduction + one elementwise pass backward."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True, backend, sync)

@@ -3,5 +3,6 @@
 Readable, complete, and the oracle the tests compare the fast backends with.
 """
 from fusedcnn.reference.activation import relu
+from fusedcnn.reference.batchnorm import batch_norm, batch_norm_stats
 
-__all__ = ["relu"]
+__all__ = ["relu", "batch_norm", "batch_norm_stats"]

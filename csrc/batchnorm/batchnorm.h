@@ -1,0 +1,49 @@
+// Shared by batchnorm_cpu.cpp and batchnorm_cuda.cu: argument checks and the layout both kernels walk.
+//
+// x: (N, C, H, W) floating, NCHW or NHWC. Kernels read x (and grad_out) as one dense layout:
+//   NCHW: element (n, c, s) at (n*C + c)*HW + s      (s = h*W + w)  -- per-channel runs of HW
+//   NHWC: element (m, c)    at m*C + c               (m = n*HW + s) -- rows of C channels
+// Any other strides are copied into NCHW first (what torch's own kernels do).
+#pragma once
+#include "common.h"
+
+namespace fusedcnn {
+namespace bn {
+
+// NHWC only when x is channels_last-dense and not also NCHW-dense (matches the Python fake functions).
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                 : at::MemoryFormat::Contiguous;
+}
+
+// Per-channel statistics are float64 for float64 input, else float32.
+inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_input(const at::Tensor& x, const char* name, c10::DeviceType dev) {
+  TORCH_CHECK(x.device().type() == dev, name, " must be a ", c10::DeviceTypeName(dev), " tensor, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, name, " must have 4 dimensions (N, C, H, W), got ", x.dim());
+}
+
+// A per-channel (C,) vector: same device as x; `dtype` checked when given.
+inline void check_channel_vec(const at::Tensor& t, const at::Tensor& x, const char* name,
+                              c10::optional<at::ScalarType> dtype = c10::nullopt) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " should contain ", x.size(1),
+              " elements (one per channel), got shape ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating-point, got ", t.scalar_type());
+  if (dtype) TORCH_CHECK(t.scalar_type() == *dtype, name, " must be ", *dtype, ", got ", t.scalar_type());
+}
+
+// weight (default 1) and bias (default 0) as contiguous (C,) vectors of the statistics dtype.
+inline at::Tensor affine_or(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name, double fill) {
+  const auto st = stats_type(x.scalar_type());
+  if (t.has_value() && t->defined()) {
+    check_channel_vec(*t, x, name);
+    return t->to(st).contiguous();
+  }
+  return at::full({x.size(1)}, fill, x.options().dtype(st));
+}
+
+}  // namespace bn
+}  // namespace fusedcnn
