@@ -38,9 +38,10 @@ FUSED_BACKENDS = ("reference", "triton", "cpp")
 # most important first, so a time budget cuts the least important cases.
 ALL = list(GROUPS)
 PRESETS = {
-    "tiny": {"quick": True, "plans": [
+    "tiny": {"quick": True, "threads": 1, "plans": [
         {"groups": ["tiny"], "precisions": ["float32"], "layouts": list(LAYOUTS), "modes": list(MODES)}]},
-    "cpu": {"quick": False, "cpu_min_run_s": 0.1, "plans": [
+    # One thread on CPU: on a shared 2-core machine, descheduled OpenMP threads made runs ~20x slower.
+    "cpu": {"quick": False, "cpu_min_run_s": 0.1, "threads": 1, "plans": [
         {"groups": ["mini"], "precisions": ["float32"], "layouts": list(LAYOUTS), "modes": list(MODES)},
         {"groups": ["mini"], "precisions": ["bfloat16"], "layouts": ["nchw"], "modes": list(MODES)}]},
     "small": {"quick": False, "graph": True, "plans": [
@@ -81,6 +82,7 @@ def parse_args(argv):
                    help="also time each case from a CUDA graph (default: the preset's choice)")
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are listed as skipped")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke runs)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the preset's; cpu presets use 1)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device-tag>/)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -156,14 +158,43 @@ def _seed(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
 
 
-def build_set(case: Case, spec: Spec, mode: str, grad_like: torch.Tensor | None) -> dict:
+def build_set(case: Case, spec: Spec, mode: str) -> dict:
+    """One input set; in fwd+bwd mode the leaves require grad and "grad_out" is added, with the same
+    shape, dtype and strides (memory format) as torch's output."""
     t = case.build(spec)
     if mode == "fwdbwd":
+        out = case.call(t, None).detach()
+        t["grad_out"] = torch.empty_like(out).normal_(generator=spec.gen)
+        del out
         for name in case.leaves:
             t[name].requires_grad_(True)
-        # grad_out: same shape, dtype and strides (memory format) as the forward's output
-        t["grad_out"] = torch.empty_like(grad_like).normal_(generator=spec.gen) if grad_like is not None else None
     return t
+
+
+class Prepared:
+    """A configuration ready to run: rotating input sets, torch's result on the first, the byte floor."""
+
+    def __init__(self, case: Case, prec: str, layout: str, mode: str, device: torch.device):
+        self.case, self.prec, self.layout, self.mode = case, prec, layout, mode
+        gen = torch.Generator(device=device).manual_seed(_seed(case.key, prec, layout, mode))
+        spec = Spec(device, PRECISIONS[prec], layout == "channels_last", gen)
+        first = build_set(case, spec, mode)
+        self.ref = run_once(case, first, None, mode)
+        self.min_bytes = case.min_bytes(mode, {k: v for k, v in first.items() if k != "grad_out"}, self.ref[0])
+        # rotate among enough sets to overflow the last-level cache twice (at most 64)
+        set_bytes = sum(v.nbytes for v in first.values() if isinstance(v, torch.Tensor))
+        nsets = max(1, min(64, math.ceil(2 * cache_bytes(device) / max(set_bytes, 1))))
+        self.sets = [first] + [build_set(case, spec, mode) for _ in range(nsets - 1)]
+
+    def check(self, backend: str | None) -> float:
+        """Max relative error of one call of `backend` (None: torch, meaningful with a custom check)."""
+        got = self.ref if backend is None else run_once(self.case, self.sets[0], backend, self.mode)
+        if backend is None and self.case.check is None:
+            return 0.0
+        return compare(self.case, got, self.ref, self.sets[0])
+
+    def fn(self, backend: str | None):
+        return timed_fn(self.case, self.sets, backend, self.mode)
 
 
 def run_once(case: Case, t: dict, backend: str | None, mode: str):
@@ -223,44 +254,31 @@ def _reason(e: BaseException) -> str:
 
 
 def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, args) -> list[dict]:
+    """Rows for one configuration: torch first (the baseline), then every backend."""
     base = {"layer": case.layer, "family": case.family, "group": case.group, "shape": case.shape,
             "count": case.count, "precision": prec, "layout": layout, "mode": mode, "bound": case.bound,
-            "flops": case.flops(mode)}
+            "flops": case.flops(mode), "tol": TOLERANCES[prec]}
     rows = []
     with precision(prec):
-        gen = torch.Generator(device=device).manual_seed(_seed(case.key, prec, layout, mode))
-        spec = Spec(device, PRECISIONS[prec], layout == "channels_last", gen)
         try:
-            probe = build_set(case, spec, "fwd", None)
-            out0 = case.call(probe, None).detach()
-            t0 = build_set(case, spec, mode, out0)
-            ref = run_once(case, t0, None, mode)
+            prep = Prepared(case, prec, layout, mode, device)
         except torch.cuda.OutOfMemoryError:
             return [dict(base, backend=b, status="n/a", reason="out of memory") for b in ["torch", *backends]]
-        min_bytes = case.min_bytes(mode, {k: v for k, v in t0.items() if k != "grad_out"}, ref[0])
-        set_bytes = sum(v.nbytes for v in t0.values() if isinstance(v, torch.Tensor))
-        nsets = max(1, min(64, math.ceil(2 * cache_bytes(device) / max(set_bytes, 1))))
-        sets = [t0] + [build_set(case, spec, mode, out0) for _ in range(nsets - 1)]
-        del probe
         floor_s = max(base["flops"] / (peaks["matmul_tflops"].get(prec, math.inf) * 1e12),
-                      min_bytes / (peaks["copy_gbps"] * 1e9))
+                      prep.min_bytes / (peaks["copy_gbps"] * 1e9))
         torch_ms = torch_graph_ms = None
         for backend in [None, *backends]:
-            name = backend or "torch"
-            row = dict(base, backend=name, bytes=min_bytes, sets=nsets, tol=TOLERANCES[prec])
             if backend == "reference" and not reference_on(case, args):
                 continue
+            row = dict(base, backend=backend or "torch", bytes=prep.min_bytes, sets=len(prep.sets))
             try:
-                if backend is None:
-                    err = compare(case, ref, ref, t0) if case.check is not None else 0.0
-                else:
-                    err = compare(case, run_once(case, t0, backend, mode), ref, t0)
+                err = prep.check(backend)
                 row["max_rel_err"] = err
                 row["status"] = "ok" if err <= TOLERANCES[prec] else "WRONG"
-                fn = timed_fn(case, sets, backend, mode)
+                fn = prep.fn(backend)
                 ms = timer.events(fn)
-                row.update(ms=ms, tflops=base["flops"] / (ms * 1e-3) / 1e12, gbps=min_bytes / (ms * 1e-3) / 1e9,
-                           pct_peak=100.0 * floor_s / (ms * 1e-3))
+                row.update(ms=ms, tflops=base["flops"] / (ms * 1e-3) / 1e12,
+                           gbps=prep.min_bytes / (ms * 1e-3) / 1e9, pct_peak=100.0 * floor_s / (ms * 1e-3))
                 if backend is None:
                     torch_ms = ms
                 elif torch_ms and row["status"] == "ok":
@@ -284,7 +302,7 @@ def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, 
                 row.update(status="error", reason=f"{type(e).__name__}: {_reason(e)}")
                 sync_quietly(device)
             rows.append(row)
-    del sets, t0, ref, out0
+        del prep
     return rows
 
 
@@ -442,6 +460,10 @@ def main(argv=None) -> int:
             print(f"{case.layer:20s} {case.group:11s} {case.shape:45s} {prec:9s} {layout:13s} {mode:6s}"
                   f"{' graph' if graph else ''}")
         return 0
+    old_threads = torch.get_num_threads()
+    threads = args.threads or (preset.get("threads") if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     quick = args.quick or preset.get("quick", False)
     timer = Timer(device, quick)
     if not quick:
@@ -506,6 +528,7 @@ def main(argv=None) -> int:
         png = plot(writer.rows, writer.path("-speedup.png"), f"fusedcnn {preset_name}: {report.stamp_line(env)}")
     print(text)
     print(f"results: {writer.path('.json')}, {writer.path('.md')}" + (f", {png}" if png else ""), file=sys.stderr)
+    torch.set_num_threads(old_threads)
     return 130 if interrupted else 0
 
 

@@ -180,7 +180,7 @@ class Shapes:
                 h //= 2
                 continue
             name, cout = item
-            cout = max(1, int(cout * self.width))
+            cout = max(1, int(round(cout * self.width)))
             _merge(out, name, (self.batch, c, cout, h, h))
             c = cout
         return out
@@ -201,7 +201,7 @@ class Shapes:
                 out.append((f"pool{stage}", self.batch, c, h, h))
                 stage, h = stage + 1, h // 2
             else:
-                c = max(1, int(item[1] * self.width))
+                c = max(1, int(round(item[1] * self.width)))
         return out
 
 
