@@ -78,10 +78,13 @@ def parse_args(argv):
     p.add_argument("--modes", type=csv, help=f"override the preset's: {', '.join(MODES)}")
     p.add_argument("--groups", type=csv, help=f"override the preset's shape groups: {', '.join(GROUPS)}")
     p.add_argument("--shapes", help="only cases whose shape label contains this text (e.g. conv3_1)")
+    p.add_argument("--limit-shapes", type=int, help="at most this many shapes per layer and group (smoke runs)")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                    help="also time each case from a CUDA graph (default: the preset's choice)")
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are listed as skipped")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke runs)")
+    p.add_argument("--check-only", action="store_true",
+                   help="correctness against torch only, no timing (e.g. under compute-sanitizer)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the preset's; cpu presets use 1)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device-tag>/)")
     p.add_argument("--no-plots", action="store_true")
@@ -115,8 +118,12 @@ def expand(preset: dict, args, device: torch.device) -> list[tuple]:
             layers = [x for x in args.layers if layers is None or x in layers]
         graph = args.graph if args.graph is not None else plan.get("graph", preset.get("graph", False))
         graph = graph and device.type == "cuda"
+        per_layer = {}
         for case in all_cases(plan["groups"], layers):
             if args.shapes and args.shapes not in case.shape:
+                continue
+            per_layer[(case.layer, case.group)] = per_layer.get((case.layer, case.group), 0) + 1
+            if args.limit_shapes and per_layer[(case.layer, case.group)] > args.limit_shapes:
                 continue
             for prec in plan["precisions"]:
                 if prec not in case.precisions or (prec == "tf32" and device.type != "cuda"):
@@ -265,7 +272,7 @@ def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, 
         except torch.cuda.OutOfMemoryError:
             return [dict(base, backend=b, status="n/a", reason="out of memory") for b in ["torch", *backends]]
         floor_s = max(base["flops"] / (peaks["matmul_tflops"].get(prec, math.inf) * 1e12),
-                      prep.min_bytes / (peaks["copy_gbps"] * 1e9))
+                      prep.min_bytes / ((peaks["copy_gbps"] or math.inf) * 1e9))
         torch_ms = torch_graph_ms = None
         for backend in [None, *backends]:
             if backend == "reference" and not reference_on(case, args):
@@ -275,6 +282,9 @@ def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, 
                 err = prep.check(backend)
                 row["max_rel_err"] = err
                 row["status"] = "ok" if err <= TOLERANCES[prec] else "WRONG"
+                if args.check_only:
+                    rows.append(row)
+                    continue
                 fn = prep.fn(backend)
                 ms = timer.events(fn)
                 row.update(ms=ms, tflops=base["flops"] / (ms * 1e-3) / 1e12,
@@ -384,8 +394,9 @@ def markdown(header: dict, rows: list[dict], layers: list[dict], totals: list[di
     env, peaks = header["env"], header["peaks"]
     peak_txt = ", ".join(f"{p} {report.fmt(v)} TFLOP/s" for p, v in peaks["matmul_tflops"].items())
     parts = [f"# Kernel benchmarks ({header['preset']})", "", report.stamp_line(env), "",
-             f"Measured peaks: matmul {peaks['matmul_n']}^3 {peak_txt}; device copy "
-             f"{report.fmt(peaks['copy_gbps'])} GB/s (bytes read + written).", "",
+             (f"Measured peaks: matmul {peaks['matmul_n']}^3 {peak_txt}; device copy "
+              f"{report.fmt(peaks['copy_gbps'])} GB/s (bytes read + written)." if peaks["copy_gbps"] else
+              "Correctness only (--check-only): no timing."), "",
              "How to read: `ms` median time (CUDA events via triton.testing.do_bench, or "
              "torch.utils.benchmark on CPU); `graph ms` from CUDA-graph replay; `achieved` over the minimum "
              "FLOPs (conv: 2 per multiply-add; fwd+bwd = 3x fwd) or minimum bytes (each input read once, each "
@@ -480,8 +491,11 @@ def main(argv=None) -> int:
     print(f"fusedcnn kernel benchmarks, preset {preset_name}: {len(configs)} configurations x "
           f"(torch + {', '.join(backends) or 'no fusedcnn backend'}) on {report.stamp_line(env)}",
           file=sys.stderr)
-    print("measuring peaks (matmul, copy)...", file=sys.stderr)
-    peaks = measure_peaks(device, precs, quick)
+    if args.check_only:
+        peaks = {"matmul_tflops": {}, "matmul_n": None, "copy_gbps": None, "copy_bytes": None}
+    else:
+        print("measuring peaks (matmul, copy)...", file=sys.stderr)
+        peaks = measure_peaks(device, precs, quick)
     header = {"kind": "kernels", "preset": preset_name, "env": env, "peaks": peaks, "backends": backends,
               "unavailable": unavailable, "tolerances": TOLERANCES, "quick": quick}
     out_dir = args.out or (report.RESULTS / report.device_tag(env))

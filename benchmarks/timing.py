@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import torch
 
@@ -40,9 +41,23 @@ class Timer:
             except ImportError:
                 return self._events_fallback(fn)
             return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+        if self.quick:  # smoke runs: median of 5 short blocks, no autorange calibration
+            return self._host_median(fn)
         from torch.utils.benchmark import Timer as TorchTimer
         m = TorchTimer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         return m.blocked_autorange(min_run_time=self.cpu_min_run_s).median * 1e3
+
+    def _host_median(self, fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        number = max(1, min(100, int(1e-3 / max(time.perf_counter() - t0, 1e-7))))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            times.append((time.perf_counter() - t0) / number)
+        return statistics.median(times) * 1e3
 
     def _events_fallback(self, fn) -> float:
         fn()
