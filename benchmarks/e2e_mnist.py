@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -205,6 +203,9 @@ def summarize(name: str, m: dict) -> dict:
             "epoch_time_s": (sum(e["time_s"] for e in full) / len(full)) if full else
                             (epochs[-1]["time_s"] if epochs else None),
             "epoch_partial": not full,
+            # no complete epoch (a --steps run): the epoch time at the steady-state rate, marked as an estimate
+            "epoch_time_est_s": ((m.get("dataset") or {}).get("train_used", 0) / m["images_per_s"])
+                                if not full and m.get("images_per_s") else None,
             "train_time_s": m.get("train_time_s"), "steps": m.get("steps"),
             "peak_memory_mb": m.get("peak_memory_mb"), "peak_memory_kind": m.get("peak_memory_kind"),
             "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_loss": m.get("test_loss"),
@@ -226,7 +227,8 @@ def markdown(header: dict, rows: list[dict], notes: list[str]) -> str:
         dacc = ((r["test_acc"] - base["test_acc"]) * 100) if base and r["test_acc"] is not None \
             and base["test_acc"] is not None else None
         table.append([r["run"], report.fmt(r["images_per_s"]), report.fmt(speed),
-                      report.fmt(r["epoch_time_s"]) + (" (partial)" if r["epoch_partial"] else ""),
+                      (f"≈{report.fmt(r['epoch_time_est_s'])} (est.)" if r.get("epoch_time_est_s") else
+                       report.fmt(r["epoch_time_s"])),
                       report.fmt(r["peak_memory_mb"]),
                       f"{100 * r['test_acc']:.2f}" if r["test_acc"] is not None else "",
                       f"{dacc:+.2f}" if dacc is not None else "",
@@ -239,8 +241,9 @@ def markdown(header: dict, rows: list[dict], notes: list[str]) -> str:
              "", f"Dataset: {ds['source'] if ds else cfg['dataset']}" + (
                  f" ({ds.get('train_used', '?')} training images used)" if ds else ""), "",
              "`img/s`: steady state (after the warm-up steps, validation excluded); `epoch s`: mean of complete "
-             "epochs (or the partial one); `peak MB`: " + (mem or "peak memory") + "; `test acc` and `Δ acc` in "
-             "points against torch eager; `loss`: mean of the last 10 steps.", ""]
+             "epochs, or (est.) training images / steady img/s when no epoch completed; `peak MB`: "
+             + (mem or "peak memory") + "; `test acc` and `Δ acc` in points against torch eager; `loss`: mean of "
+             "the last 10 steps.", ""]
     parts += [f"- {n}" for n in notes]
     parts += ["", report.md_table(["run", "img/s", "vs torch", "epoch s", "peak MB", "test acc %", "Δ acc",
                                    "loss", "status"], table), ""]
@@ -278,6 +281,8 @@ def main(argv=None) -> int:
     isolate = args.isolate if args.isolate is not None else preset["isolate"]
     runs, skipped = plan_runs(args, preset, device)
     env = report.environment(device)
+    if device.type == "cpu" and common.get("threads"):
+        env["threads"] = common["threads"]  # each run sets it (TrainConfig.threads)
     notes = [f"{r}: not run ({why})" for r, why in skipped.items()]
 
     import fusedcnn.data
@@ -332,7 +337,7 @@ def main(argv=None) -> int:
     text = markdown(header, writer.rows, notes)
     writer.write_md(text)
     png = None if args.no_plots else plot(writer.rows, writer.path("-loss.png"),
-                                          f"VGG16 on MNIST ({preset_name}): {report.stamp_line(env)}")
+                                          f"VGG16 on MNIST ({preset_name}): {report.stamp_line(env, wrap=True)}")
     print(text)
     print(f"results: {writer.path('.json')}, {writer.path('.md')}" + (f", {png}" if png else ""), file=sys.stderr)
     return 130 if interrupted else 0

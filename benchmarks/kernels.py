@@ -539,7 +539,8 @@ def main(argv=None) -> int:
     writer.write_md(text)
     png = None
     if not args.no_plots:
-        png = plot(writer.rows, writer.path("-speedup.png"), f"fusedcnn {preset_name}: {report.stamp_line(env)}")
+        png = plot(writer.rows, writer.path("-speedup.png"),
+                   f"fusedcnn {preset_name}: {report.stamp_line(env, wrap=True)}")
     print(text)
     print(f"results: {writer.path('.json')}, {writer.path('.md')}" + (f", {png}" if png else ""), file=sys.stderr)
     torch.set_num_threads(old_threads)

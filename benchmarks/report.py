@@ -82,14 +82,15 @@ def device_tag(env: dict) -> str:
     return f"{env['device_type']}-{slug}"[:60].strip("-")
 
 
-def stamp_line(env: dict) -> str:
+def stamp_line(env: dict, wrap: bool = False) -> str:
+    """One line naming device, versions, commit and date (two lines with wrap=True, for plot titles)."""
     dev = env["device"] + (f" ({env['sm_count']} SMs, {env['memory_gib']} GiB)" if env["device_type"] == "cuda"
                            else f" ({env['threads']} threads)")
     parts = [f"device: {dev}", f"torch {env['torch']}", f"Triton {env['triton']}", f"CUDA {env['cuda']}"]
     if env.get("cudnn"):
         parts.append(f"cuDNN {env['cudnn']}")
-    parts += [f"commit {env['git_commit']}", env["date"]]
-    return " · ".join(parts)
+    tail = f"commit {env['git_commit']} · {env['date']}"
+    return " · ".join(parts) + ("\n" if wrap else " · ") + tail
 
 
 class Writer:

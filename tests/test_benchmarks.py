@@ -46,7 +46,8 @@ def test_kernels_tiny(tmp_path, capsys):
         assert len(base) == 1 and base[0]["status"] == "ok" and base[0]["ms"] > 0, cfg
         assert base[0]["bytes"] > 0 and base[0]["flops"] > 0
     for r in rows:
-        assert r["status"] in ("ok", "n/a"), f"{r['layer']} {r['shape']} {r['backend']}: {r['status']} {r.get('reason')}"
+        assert r["status"] in ("ok", "n/a"), \
+            f"{r['layer']} {r['shape']} {r['backend']}: {r['status']} {r.get('reason')}"
         if r["status"] == "n/a":
             assert r["reason"]
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 import fusedcnn
-from benchmarks.cases import Case, Shapes, Spec, fmt_shape, mult
+from benchmarks.cases import Case, Shapes, fmt_shape, mult
 
 
 def _case(shapes: Shapes, names: str, count: int, n: int, c: int, h: int, w: int) -> Case:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedcnn
-from benchmarks.cases import Case, Shapes, Spec, fmt_shape
+from benchmarks.cases import Case, Shapes, fmt_shape
 
 P = 0.5
 
