@@ -128,7 +128,7 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False) -> n
             if child is None:
                 continue
             if skip_next:  # the ReLU just fused into the BatchNorm before it
-                parent._modules[name] = nn.Identity()
+                parent._modules[name] = nn.Identity().train(child.training)
                 skip_next = False
                 continue
             nxt = parent._modules[names[i + 1]] if i + 1 < len(names) else None

@@ -143,7 +143,7 @@ def _download(name: str, root: str) -> None:
 
 def _split_full(name, source, train, test) -> Dataset:
     (x, y), (tx, ty) = train, test
-    n_train = len(y) - FULL_VAL
+    n_train = len(y) - round(len(y) * FULL_VAL / (FULL_TRAIN + FULL_VAL))  # 60,000 -> 50,000 + 10,000
     return Dataset(name, source, x[:n_train], y[:n_train], x[n_train:], y[n_train:], tx, ty)
 
 
@@ -243,18 +243,23 @@ def make_batch(images: torch.Tensor, resolution: int, augment: torch.Tensor | No
 
     augment: (B, 3) rotation (radians), shift x, shift y (fractions of the side) on the same device, or
     None. Rotation, shift and resize are one bilinear grid_sample over the whole batch (zeros outside =
-    black background); without augmentation a plain bilinear resize.
+    black background); without augmentation the same sampler with the identity transform resizes.
     """
     x = images.float().div_(255.0)
     b, c = x.shape[:2]
-    if augment is not None:
-        angle, tx, ty = augment.float().unbind(-1)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        # theta maps output coordinates to input coordinates in [-1, 1] (a side is 2 long: 10% -> 0.2)
-        theta = torch.stack([torch.stack([cos, -sin, 2 * tx], -1), torch.stack([sin, cos, 2 * ty], -1)], 1)
-        grid = F.affine_grid(theta, [b, c, resolution, resolution], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    elif x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    if augment is None and x.shape[-2:] == (resolution, resolution):
+        return _normalize(x, channels_last)
+    if augment is None:  # a plain resize: the identity transform through the same sampler
+        augment = torch.zeros(b, 3, device=x.device)
+    angle, tx, ty = augment.float().unbind(-1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # theta maps output coordinates to input coordinates in [-1, 1] (a side is 2 long: a 10% shift is 0.2)
+    theta = torch.stack([torch.stack([cos, -sin, 2 * tx], -1), torch.stack([sin, cos, 2 * ty], -1)], 1)
+    grid = F.affine_grid(theta, [b, c, resolution, resolution], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _normalize(x, channels_last)
+
+
+def _normalize(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     x = x.sub_(MEAN).div_(STD)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
