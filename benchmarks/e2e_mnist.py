@@ -84,6 +84,9 @@ def parse_args(argv):
                         "run); default: the preset's choice")
     p.add_argument("--run-timeout", type=float, default=None,
                    help="seconds per isolated run before it is stopped (default: the preset's, if any)")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds for all runs: a run not started by then is skipped, and an isolated run is "
+                        "stopped when the budget ends (the fusedcnn backends go before torch.compile)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device-tag>/)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -114,7 +117,8 @@ def make_config(preset: dict, args, device: torch.device) -> dict:
 def plan_runs(args, preset: dict, device: torch.device) -> tuple[list[str], dict[str, str]]:
     """(runs to do, {run: why not}) — torch eager first: it is the baseline."""
     import fusedcnn
-    wanted = args.runs or [*BASELINES, *FUSED]
+    # torch eager first (the baseline), then the fusedcnn backends, torch.compile last (its compilation is long)
+    wanted = args.runs or ["torch", *FUSED, "torch.compile"]
     runs, skipped = [], {}
     for r in wanted:
         if r in FUSED:
@@ -320,10 +324,16 @@ def main(argv=None) -> int:
     start = time.monotonic()
     try:
         for name in runs:
+            left = None if args.time_budget is None else args.time_budget - (time.monotonic() - start)
+            if left is not None and left < 10:
+                writer.add({"run": name, "status": "skipped", "reason": f"time budget of {args.time_budget:.0f} s"})
+                continue
             cfg = train_config(name, common, args.compile_mode)
             say(f"--- {name} (backend={cfg.backend}{', torch.compile' if cfg.compile else ''})")
             try:
                 timeout = args.run_timeout or preset.get("run_timeout")
+                if left is not None:
+                    timeout = min(timeout or left, left)
                 m = run_isolated(cfg, timeout) if isolate else run_in_process(cfg)
                 row = summarize(name, m)
             except KeyboardInterrupt:
