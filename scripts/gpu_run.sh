@@ -139,6 +139,12 @@ reserve_for() {
   done
   echo $r
 }
+# row counts per status in a harness's JSON ("ok 120, n/a 30, WRONG 2")
+statuses() {
+  "$PY" -c 'import collections, json, sys
+rows = [r for f in sys.argv[1:] for r in json.load(open(f))["rows"]]
+print(", ".join(f"{k} {v}" for k, v in collections.Counter(r["status"] for r in rows).most_common()))' "$@" 2>/dev/null
+}
 pytest_line() { grep -E "^(=+ )?[0-9]+ (passed|failed|error)|(passed|failed|skipped|error).* in [0-9.]+s" "$1" | tail -1 | sed 's/=//g'; }
 
 # ---------------------------------------------------------------- tests
@@ -169,11 +175,12 @@ if has sanitize; then
     export_san="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
     run_stage sanitize-ops $(( secs / 2 )) "$WORK/sanitize-ops.log" env $export_san compute-sanitizer --tool memcheck \
       --error-exitcode 99 --print-limit 20 "$PY" benchmarks/kernels.py --preset tiny --check-only --device cuda \
-      --precisions float32,bfloat16 --backends triton,cpp --no-plots --no-progress --out "$WORK/sanitize"
+      --precisions float32,bfloat16 --backends triton,cpp --limit-shapes 2 --no-plots --no-progress \
+      --out "$WORK/sanitize"
     rc=$?
     errs=$(grep -E "ERROR SUMMARY" "$WORK/sanitize-ops.log" | tail -1)
     record sanitize-ops "$([ $rc -eq 0 ] && echo pass || echo FAIL)" $(( $(now) - t0 )) \
-      "every layer x {triton, cpp} x fwd/fwd+bwd, tiny shapes: ${errs:-no summary (exit $rc)}"
+      "every layer x {triton, cpp} x fwd/fwd+bwd x fp32/bf16 x NCHW/NHWC, 2 tiny shapes each: ${errs:-no summary (exit $rc)}; rows: $(statuses "$WORK"/sanitize/kernels-*.json)"
     t1=$(now)
     rest=$(( secs - (t1 - t0) )); [ $rest -lt 20 ] && rest=20
     run_stage sanitize-tests "$rest" "$WORK/sanitize-tests.log" env $export_san compute-sanitizer --tool memcheck \
@@ -198,7 +205,7 @@ if has kernels; then
     --out "$WORK/kernels" ${KERNELS_ARGS:-}
   rc=$?
   record kernels "$([ $rc -eq 0 ] && echo pass || { [ $rc -eq 130 ] || [ $rc -eq 124 ] && echo "TIME CAP (partial)" || echo FAIL; })" \
-    $(( $(now) - t0 )) "$(cat "$WORK"/kernels/kernels-*.md 2>/dev/null | grep -E 'time budget|interrupted' | head -1)"
+    $(( $(now) - t0 )) "rows: $(statuses "$WORK"/kernels/kernels-*.json) $(cat "$WORK"/kernels/kernels-*.md 2>/dev/null | grep -E 'time budget|interrupted' | head -1)"
 fi
 
 # ---------------------------------------------------------------- end-to-end
@@ -212,7 +219,7 @@ if has e2e; then
     ${E2E_ARGS:-}
   rc=$?
   record e2e "$([ $rc -eq 0 ] && echo pass || { [ $rc -eq 130 ] || [ $rc -eq 124 ] && echo "TIME CAP (partial)" || echo FAIL; })" \
-    $(( $(now) - t0 )) "${E2E_STEPS:-60} steps per run, $(( secs - 30 )) s budget"
+    $(( $(now) - t0 )) "${E2E_STEPS:-60} steps per run, $(( secs - 30 )) s budget; runs: $(statuses "$WORK"/e2e/e2e-*.json)"
 fi
 
 # ---------------------------------------------------------------- summary and files

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cases as C  # noqa: E402
-from benchmarks import e2e_mnist, kernels  # noqa: E402
+from benchmarks import e2e_mnist, kernels, report  # noqa: E402
 
 SMOKE_LAYERS = "conv2d,batch_norm_relu,relu,max_pool2d,adaptive_avg_pool2d,dropout"
 
@@ -55,6 +55,8 @@ def test_kernels_tiny(tmp_path, capsys):
             if r["backend"] != "torch":
                 assert r["speedup"] > 0
     assert (tmp_path / "kernels-tiny.md").read_text().startswith("# Kernel benchmarks (tiny)")
+    assert (tmp_path / "kernels-tiny-speedup.png").exists() or report.pyplot() is None or not any(
+        r.get("speedup") for r in rows)
     assert (tmp_path / "kernels-tiny.jsonl").exists()
     out = capsys.readouterr().out
     assert "| layer | shape |" in out and env["torch"] in out
@@ -178,5 +180,6 @@ def test_e2e_tiny(tmp_path, capsys):
     for r in rows.values():
         assert r["status"] in ("ok", "n/a"), r
         assert r["status"] == "ok" or r["reason"]
-    assert (tmp_path / "e2e-tiny.md").exists() and (tmp_path / "e2e-tiny-loss.png").exists()
+    assert (tmp_path / "e2e-tiny.md").exists()
+    assert (tmp_path / "e2e-tiny-loss.png").exists() or report.pyplot() is None
     assert "| torch |" in capsys.readouterr().out
