@@ -87,6 +87,21 @@ def test_wrong_result_is_flagged_and_not_ranked(tmp_path, monkeypatch):
     assert all(s["geomean"] is None and s["wrong"] == len(broken) for s in data["summary"])
 
 
+def test_stateful_layer_checked_from_fresh_state(tmp_path, monkeypatch):
+    """Timing updates BatchNorm's running statistics in place; a backend computing exactly what torch computes
+    must still match torch exactly, output, gradients and updated statistics."""
+    run_once, timed_fn = kernels.run_once, kernels.timed_fn  # backend "same" runs torch's own call
+    monkeypatch.setattr(kernels, "run_once", lambda case, t, backend, mode: run_once(case, t, None, mode))
+    monkeypatch.setattr(kernels, "timed_fn", lambda case, sets, backend, mode: timed_fn(case, sets, None, mode))
+    monkeypatch.setattr(kernels, "choose_backends", lambda args, device: (["same"], {}))
+    rc = kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--no-plots", "--layers",
+                       "batch_norm,batch_norm_relu", "--limit-shapes", "1", "--layouts", "nchw"])
+    assert rc == 0
+    rows = [r for r in _load(tmp_path / "kernels-tiny.json")["rows"] if r["backend"] == "same"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["max_rel_err"] == 0.0 for r in rows), rows
+
+
+
 def test_interrupt_keeps_measured_rows(tmp_path, monkeypatch):
     real = kernels.run_config
     calls = []
