@@ -457,7 +457,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def _label(r: dict) -> str:
-    name = r["shape"].split(" ")[0].split("/")[0]
+    name = r["shape"].split(" ")[0].split("/")[0]  # first layer name of the shape (unique per layer)
     prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(r["precision"], r["precision"])
     return f"{name} {r['group']} {prec} {'NHWC' if r['layout'] == 'channels_last' else 'NCHW'} {r['mode']}"
 

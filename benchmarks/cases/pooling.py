@@ -43,9 +43,11 @@ def _case(shapes: Shapes, layer: str, name: str, n: int, c: int, h: int, w: int,
 
     fwd = outs * (window - 1 if is_max else window + 1)
     bwd = outs * (1 if is_max else window)
-    target = f"->{out_hw[0]}x{out_hw[1]}" if adaptive else " k2s2"
+    # the label's first word names the case uniquely within its layer (plots and test ids use it)
+    label = f"{name}->{out_hw[0]}x{out_hw[1]} {fmt_shape(n, c, h, w)}" if adaptive else \
+        f"{name} {fmt_shape(n, c, h, w)} k2s2"
     return Case(layer=layer, family="pooling", group=shapes.group, bound="memory",
-                shape=f"{name} {fmt_shape(n, c, h, w)}{target}", build=build, call=call,
+                shape=label, build=build, call=call,
                 saved=("x",) if is_max else (), precisions=("float32", "bfloat16", "float16"),
                 flops=lambda mode: float(fwd if mode == "fwd" else fwd + bwd),
                 meta={"N": n, "C": c, "H": h, "W": w, "output": list(out_hw) if adaptive else None,
@@ -59,5 +61,5 @@ def cases(shapes: Shapes) -> list[Case]:
     names, _, (n, c, h, w) = shapes.activations()[-1]
     sizes = [1] + ([h // 2] if h // 2 > 1 else [])
     for layer in ("adaptive_max_pool2d", "adaptive_avg_pool2d"):
-        out += [_case(shapes, layer, f"{names.split('/')[-1]} out", n, c, h, w, s) for s in sizes]
+        out += [_case(shapes, layer, names.split("/")[-1], n, c, h, w, s) for s in sizes]
     return out
