@@ -266,8 +266,8 @@ def _reason(e: BaseException) -> str:
 def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, args) -> list[dict]:
     """Rows for one configuration: torch first (the baseline), then every backend."""
     base = {"layer": case.layer, "family": case.family, "group": case.group, "shape": case.shape,
-            "count": case.count, "precision": prec, "layout": layout, "mode": mode, "bound": case.bound,
-            "flops": case.flops(mode), "tol": TOLERANCES[prec]}
+            "count": case.count, "in_network": case.in_network, "precision": prec, "layout": layout,
+            "mode": mode, "bound": case.bound, "flops": case.flops(mode), "tol": TOLERANCES[prec]}
     rows = []
     with precision(prec):
         try:
@@ -355,7 +355,8 @@ def table_rows(rows: list[dict]) -> list[list]:
 
 def summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Per layer x backend: geometric-mean speedup over the correct results; per network configuration:
-    the time of the whole VGG16 layer stack (each shape x its layer count) where every shape ran."""
+    the time of the layer's whole VGG16 stack (each shape x its layer count; cases marked in_network)
+    where every shape ran correctly."""
     per = {}
     for r in rows:
         if r["backend"] == "torch":
@@ -376,6 +377,8 @@ def summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         layers.append(s)
     stacks = {}
     for r in rows:
+        if not r.get("in_network", True):
+            continue
         k = (r["layer"], r["group"], r["precision"], r["layout"], r["mode"], r["backend"])
         st = stacks.setdefault(k, {"ms": 0.0, "shapes": 0, "ok": True})
         st["shapes"] += 1
@@ -386,7 +389,7 @@ def summary(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     totals = []
     for (layer, group, prec, layout, mode, backend), st in stacks.items():
         base = stacks.get((layer, group, prec, layout, mode, "torch"))
-        if backend == "torch" or not st["ok"] or not base or not base["ok"] or st["shapes"] < 2:
+        if backend == "torch" or not st["ok"] or not base or not base["ok"]:
             continue
         totals.append({"layer": layer, "group": group, "precision": prec, "layout": layout, "mode": mode,
                        "backend": backend, "ms": st["ms"], "torch_ms": base["ms"], "speedup": base["ms"] / st["ms"]})

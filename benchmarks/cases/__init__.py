@@ -135,6 +135,7 @@ class Case:
     inputs: tuple[str, ...] | None = None  # the forward's inputs (default: every built tensor)
     mutable: tuple[str, ...] = ()  # tensors the op updates in place (running statistics)
     count: int = 1  # how many layers of the network have this shape
+    in_network: bool = True  # part of VGG16's layer stack (summed into the whole-network totals)
     check: Callable | None = None
     precisions: tuple[str, ...] = tuple(PRECISIONS)
     meta: dict = field(default_factory=dict)

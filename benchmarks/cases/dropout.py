@@ -42,7 +42,7 @@ def check(out: torch.Tensor, tensors: dict, grad_out: torch.Tensor | None, grads
     return err
 
 
-def _case(shapes: Shapes, name: str, dims: tuple, count: int = 1) -> Case:
+def _case(shapes: Shapes, name: str, dims: tuple, count: int = 1, in_network: bool = True) -> Case:
     elems = math.prod(dims)
 
     def call(t: dict, backend: str | None):
@@ -52,10 +52,11 @@ def _case(shapes: Shapes, name: str, dims: tuple, count: int = 1) -> Case:
 
     return Case(layer="dropout", family="dropout", group=shapes.group, bound="memory",
                 shape=f"{name} {fmt_shape(*dims)}", build=lambda spec: {"x": spec.randn(*dims)}, call=call,
-                saved=(), check=check, count=count, precisions=("float32", "bfloat16", "float16"),
+                saved=(), check=check, count=count, in_network=in_network, precisions=("float32", "bfloat16", "float16"),
                 flops=lambda mode: float(elems * (1 if mode == "fwd" else 2)), meta={"shape": list(dims), "p": P})
 
 
 def cases(shapes: Shapes) -> list[Case]:
     names, _, dims = shapes.activations()[0]
-    return [_case(shapes, "fc6/fc7 (x2)", (shapes.batch, shapes.hidden), 2), _case(shapes, f"{names} out", dims)]
+    return [_case(shapes, "fc6/fc7 (x2)", (shapes.batch, shapes.hidden), 2),
+            _case(shapes, f"{names} out", dims, in_network=False)]  # not in VGG16: a bandwidth case

@@ -49,6 +49,7 @@ def _case(shapes: Shapes, layer: str, name: str, n: int, c: int, h: int, w: int,
     return Case(layer=layer, family="pooling", group=shapes.group, bound="memory",
                 shape=label, build=build, call=call,
                 saved=("x",) if is_max else (), precisions=("float32", "bfloat16", "float16"),
+                in_network=not adaptive,  # the global-pooling heads replace the classic head: not summed
                 flops=lambda mode: float(fwd if mode == "fwd" else fwd + bwd),
                 meta={"N": n, "C": c, "H": h, "W": w, "output": list(out_hw) if adaptive else None,
                       "kernel": None if adaptive else 2})
