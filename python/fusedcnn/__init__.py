@@ -14,6 +14,8 @@ _backends._cpp_import_error()  # load fusedcnn._C (if built) before the ops regi
 
 from fusedcnn import functional, nn, ops, reference  # noqa: E402,F401
 from fusedcnn.backends import BACKENDS, available_backends, current_backend, use_backend  # noqa: E402
+from fusedcnn import models  # noqa: E402,F401
+from fusedcnn.convert import convert  # noqa: E402  (the function shadows the submodule's name here)
 
-__all__ = ["nn", "functional", "reference", "use_backend", "available_backends", "current_backend", "BACKENDS",
+__all__ = ["nn", "functional", "reference", "models", "convert", "use_backend", "available_backends", "current_backend", "BACKENDS",
            "__version__"]

