@@ -29,6 +29,8 @@ when |mean| >> std; centred per-tile M2 is both deterministic and stable.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -62,6 +64,27 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+# The interpreter's tl.dot mis-reads bfloat16 operands (Triton 3.8): there, operands are widened to fp32 first
+# (exact: a product of two 16-bit floats fits fp32, which is also what the tensor cores accumulate in).
+_WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation."""
+    if _WIDEN_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _relu_passes(pre):
+    """Where ReLU's backward lets the gradient through: not (pre <= 0), so NaN passes, as torch's threshold_backward."""
+    return (pre > 0.0) | (pre != pre)
 
 
 @triton.jit
@@ -123,7 +146,7 @@ def _conv_fwd_kernel(
                 a = tl.where(a_mask, _bn_relu(a, s[None, :], t[None, :]), 0.0).to(X_ptr.dtype.element_ty)
             w_rows = (r * C_in + offs_k).to(tl.int64) * C_out
             b = tl.load(W_ptr + w_rows[:, None] + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            acc = _mma(a, b, acc)
 
     if HAS_BIAS:
         acc += tl.load(B_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -200,7 +223,7 @@ def _conv_dgrad_kernel(
                 g = tl.where(g_mask, gf, 0.0).to(G_ptr.dtype.element_ty)
             w_rows = (r * C_out + offs_k).to(tl.int64) * C_in
             b = tl.load(W_ptr + w_rows[:, None] + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(g, b, acc)
+            acc = _mma(g, b, acc)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if PROLOGUE:
@@ -209,7 +232,7 @@ def _conv_dgrad_kernel(
         x = x.to(tl.float32)
         s = tl.load(S_ptr + offs_n, mask=n_ok, other=0.0)
         t = tl.load(T_ptr + offs_n, mask=n_ok, other=0.0)
-        dpre = tl.where(out_mask & (x * s[None, :] + t[None, :] > 0.0), acc, 0.0)  # through the ReLU
+        dpre = tl.where(out_mask & _relu_passes(x * s[None, :] + t[None, :]), acc, 0.0)  # through the ReLU
         acc = dpre * s[None, :]
         part = pid_m.to(tl.int64) * C_in + offs_n
         tl.store(PDS_ptr + part, tl.sum(dpre * x, axis=0), mask=n_ok)
@@ -289,7 +312,7 @@ def _conv_wgrad_kernel(
         a = tl.load(X_ptr + x_row[:, None] + offs_ci[None, :].to(tl.int64) * sxc, mask=x_mask, other=0.0)
         if PROLOGUE:
             a = tl.where(x_mask, _bn_relu(a, s[None, :], t[None, :]), 0.0).to(X_ptr.dtype.element_ty)
-        acc = tl.dot(g, a, acc)
+        acc = _mma(g, a, acc)
 
     n_w = C_out * C_in * KH * KW
     dw_off = (split.to(tl.int64) * n_w + offs_co[:, None].to(tl.int64) * (C_in * KH * KW)
@@ -344,7 +367,7 @@ def _bn_relu_apply_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_p
     y = y.to(tl.float32)
     s = tl.load(S_ptr + offs_c, mask=c_ok, other=0.0)
     t = tl.load(T_ptr + offs_c, mask=c_ok, other=0.0)
-    dpre = tl.where(mask & (y * s[None, :] + t[None, :] > 0.0), g.to(tl.float32), 0.0)
+    dpre = tl.where(mask & _relu_passes(y * s[None, :] + t[None, :]), g.to(tl.float32), 0.0)
     tl.store(DY_ptr + _pix_offsets(offs_p, H, W, sdn, sdh, sdw)[:, None] + c64 * sdc,
              (dpre * s[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
     part = pid_p.to(tl.int64) * C + offs_c
@@ -418,7 +441,7 @@ def _bn_relu_pool_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_pt
         m = (p_ok & (ih < H) & (iw < W))[:, None] & c_ok[None, :]
         row = nb * syn + ih.to(tl.int64) * syh + iw.to(tl.int64) * syw
         y = tl.load(Y_ptr + row[:, None] + c64 * syc, mask=m, other=0.0).to(tl.float32)
-        dpre = tl.where(m & (arg == k) & (y * s + t > 0.0), g, 0.0)
+        dpre = tl.where(m & (arg == k) & _relu_passes(y * s + t), g, 0.0)
         d_row = nb * sdn + ih.to(tl.int64) * sdh + iw.to(tl.int64) * sdw
         tl.store(DY_ptr + d_row[:, None] + c64 * sdc, (dpre * s).to(DY_ptr.dtype.element_ty), mask=m)
         ds += dpre * y
@@ -458,9 +481,9 @@ def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed, p, a_sca
         a = tl.load(A_ptr + m64[:, None] * sam + offs_k[None, :] * sak, mask=a_mask, other=0.0)
         if A_GRAD:
             o = tl.load(O_ptr + m64[:, None] * som + offs_k[None, :] * sok, mask=a_mask, other=0.0)
-            a = tl.where(o > 0, a.to(tl.float32) * a_scale, 0.0).to(A_ptr.dtype.element_ty)
+            a = tl.where(_relu_passes(o), a.to(tl.float32) * a_scale, 0.0).to(A_ptr.dtype.element_ty)
         b = tl.load(B_ptr + offs_k[:, None] * sbk + n64[None, :] * sbn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc)
     if HAS_BIAS:
         acc += tl.load(Bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU_DROPOUT:
@@ -569,9 +592,11 @@ def conv_fwd(x, weight, bias, in_scale, in_shift, stride, padding, dilation, com
     return y, mean, var
 
 
-def conv_bwd(grad, y, g_alpha, g_beta, x, weight, in_scale, in_shift, stride, padding, dilation, has_bias):
-    """Gradients of conv_fwd. grad: (N, C_out, OH, OW) dL/dy; (y, g_alpha, g_beta) or None: the BN-statistics
-    gradient g' = grad + g_alpha*y + g_beta folded into the grad loads. Returns (dx, dweight, dbias, d_in_scale,
+def conv_bwd(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding, dilation, has_bias):
+    """Gradients of conv_fwd. grad: (N, C_out, OH, OW) dL/dy. With the statistics outputs used downstream,
+    y (the forward output), grad_mean / grad_var (dL/dmean, dL/dvar; either may be None) and mean (C_out,):
+    their contribution g' = grad + g_alpha*y + g_beta (g_alpha = 2*dL/dvar/M, g_beta = dL/dmean/M - g_alpha*mean,
+    M = N*OH*OW) is folded into the grad loads of both GEMMs. Returns (dx, dweight, dbias, d_in_scale,
     d_in_shift) — dbias empty without bias, the last two empty without the prologue."""
     _check_conv_args(x, weight, None, in_scale, in_shift)
     N, C_in, H, W = x.shape
@@ -580,13 +605,20 @@ def conv_bwd(grad, y, g_alpha, g_beta, x, weight, in_scale, in_shift, stride, pa
     check_tensor(grad, "grad_output", ndim=4)
     if tuple(grad.shape) != (N, C_out, OH, OW):
         raise ValueError(f"grad_output must have shape {(N, C_out, OH, OW)}, got {tuple(grad.shape)}")
-    affine = g_alpha is not None
+    affine = grad_mean is not None or grad_var is not None
     if affine:
         check_tensor(y, "y", ndim=4)
         if y.shape != grad.shape:
             raise ValueError(f"y must have shape {tuple(grad.shape)}, got {tuple(y.shape)}")
-        _check_vec(g_alpha, "g_alpha", C_out)
-        _check_vec(g_beta, "g_beta", C_out)
+        _check_vec(mean, "mean", C_out)
+        for v, name in ((grad_mean, "grad_mean"), (grad_var, "grad_var")):
+            if v is not None:
+                _check_vec(v, name, C_out)
+        M_out = N * OH * OW
+        g_alpha = grad_var * (2.0 / M_out) if grad_var is not None else torch.zeros_like(mean)
+        g_beta = -g_alpha * mean
+        if grad_mean is not None:
+            g_beta = g_beta + grad_mean / M_out
     grad = grad.to(x.dtype)
     prologue = in_scale is not None
     dummy = grad

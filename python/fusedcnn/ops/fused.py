@@ -57,11 +57,11 @@ def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
 
 
 @torch.library.custom_op("fusedcnn::triton_conv_bn_relu_backward", mutates_args=())
-def _conv_bn_relu_backward(grad: Tensor, y: Optional[Tensor], g_alpha: Optional[Tensor], g_beta: Optional[Tensor],
-                           x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+def _conv_bn_relu_backward(grad: Tensor, y: Optional[Tensor], grad_mean: Optional[Tensor],
+                           grad_var: Optional[Tensor], mean: Optional[Tensor], x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                            stride: list[int], padding: list[int], dilation: list[int],
                            has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().conv_bwd(grad, y, g_alpha, g_beta, x, weight, in_scale, in_shift, stride, padding,
+    return _kernels().conv_bwd(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
                                dilation, has_bias)
 
 
@@ -82,7 +82,7 @@ def _conv_bn_relu_fake(x, weight, bias, in_scale, in_shift, stride, padding, dil
 
 
 @torch.library.register_fake("fusedcnn::triton_conv_bn_relu_backward")
-def _conv_bn_relu_backward_fake(grad, y, g_alpha, g_beta, x, weight, in_scale, in_shift, stride, padding,
+def _conv_bn_relu_backward_fake(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
                                 dilation, has_bias):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x))
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -103,18 +103,15 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_backward(ctx, grad_y, grad_mean, grad_var):
     x, weight, in_scale, in_shift, y, mean = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
-    g_alpha = g_beta = None
-    if ctx.compute_stats and (grad_mean is not None or grad_var is not None):
-        # d mean/dy = 1/M, d var/dy = 2(y - mean)/M: g' = g + g_alpha*y + g_beta (per channel)
-        M = y.numel() // y.shape[1]
-        gm = grad_mean if grad_mean is not None else torch.zeros_like(mean)
-        gv = grad_var if grad_var is not None else torch.zeros_like(mean)
-        g_alpha = (2.0 / M) * gv
-        g_beta = gm / M - g_alpha * mean
+    if not ctx.compute_stats:
+        grad_mean = grad_var = None
     if grad_y is None:
         grad_y = torch.zeros(_conv_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device)
-    dx, dw, db, ds, dt = _conv_bn_relu_backward(grad_y, y if g_alpha is not None else None, g_alpha, g_beta, x, weight,
-                                                in_scale, in_shift, stride, padding, dilation, ctx.has_bias)
+    stats_used = grad_mean is not None or grad_var is not None
+    grad_mean, grad_var = (None if g is None else g.float().contiguous() for g in (grad_mean, grad_var))
+    dx, dw, db, ds, dt = _conv_bn_relu_backward(grad_y, y if stats_used else None, grad_mean, grad_var,
+                                                mean if stats_used else None, x, weight, in_scale, in_shift,
+                                                stride, padding, dilation, ctx.has_bias)
     return (dx, dw, db if ctx.has_bias else None, ds if in_scale is not None else None,
             dt if in_shift is not None else None, None, None, None, None)
 
