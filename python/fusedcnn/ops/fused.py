@@ -60,9 +60,9 @@ def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
 def _conv_bn_relu_backward(grad: Tensor, y: Optional[Tensor], grad_mean: Optional[Tensor],
                            grad_var: Optional[Tensor], mean: Optional[Tensor], x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                            stride: list[int], padding: list[int], dilation: list[int],
-                           has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           has_bias: bool, compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _kernels().conv_bwd(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
-                               dilation, has_bias)
+                               dilation, has_bias, compute_dx)
 
 
 def _conv_out_shape(x, weight, stride, padding, dilation):
@@ -83,8 +83,11 @@ def _conv_bn_relu_fake(x, weight, bias, in_scale, in_shift, stride, padding, dil
 
 @torch.library.register_fake("fusedcnn::triton_conv_bn_relu_backward")
 def _conv_bn_relu_backward_fake(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
-                                dilation, has_bias):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+                                dilation, has_bias, compute_dx):
+    if compute_dx or in_scale is not None:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    else:
+        dx = x.new_empty((0,))
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     db = x.new_empty((weight.shape[0] if has_bias else 0,), dtype=torch.float32)
     n = x.shape[1] if in_scale is not None else 0
@@ -111,8 +114,8 @@ def _conv_backward(ctx, grad_y, grad_mean, grad_var):
     grad_mean, grad_var = (None if g is None else g.float().contiguous() for g in (grad_mean, grad_var))
     dx, dw, db, ds, dt = _conv_bn_relu_backward(grad_y, y if stats_used else None, grad_mean, grad_var,
                                                 mean if stats_used else None, x, weight, in_scale, in_shift,
-                                                stride, padding, dilation, ctx.has_bias)
-    return (dx, dw, db if ctx.has_bias else None, ds if in_scale is not None else None,
+                                                stride, padding, dilation, ctx.has_bias, ctx.needs_input_grad[0])
+    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None, ds if in_scale is not None else None,
             dt if in_shift is not None else None, None, None, None, None)
 
 
