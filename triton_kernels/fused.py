@@ -52,6 +52,8 @@ def _gemm_tiles(t: torch.Tensor, n: int, k: int):
         return 64, 16, 16, 1, 1  # few, wide programs: the interpreter's cost is per program-step
     bn = 128 if n >= 128 else 64
     bk = 64 if k >= 64 else (32 if k >= 32 else 16)
+    if t.element_size() == 4:  # fp32 (tf32 dot): halve the K step so 3 stages fit in shared memory
+        bk = min(bk, 32)
     return 128, bn, bk, 8 if bn == 128 else 4, 3
 
 
