@@ -311,9 +311,9 @@ def test_bad_input():
     m = ConvBNReLU2d(3, 4, 3)
     with pytest.raises(ValueError, match="expected 4D input"):
         m(randn(3, 5, 5))
-    with pytest.raises(ValueError, match="expected input to have 3 channels"):
+    with pytest.raises(RuntimeError, match=r"expected input\[2, 2, 5, 5\] to have 3 channels, but got 2"):
         m(randn(2, 2, 5, 5))
-    with pytest.raises(TypeError, match="should be the same"):
+    with pytest.raises(RuntimeError, match="should be the same"):
         m(randn(2, 3, 5, 5, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         m(randn(1, 3, 3, 3))
@@ -335,8 +335,12 @@ def test_bad_input():
         fops.bn_relu_maxpool2d(randn(2, 3, 1, 4), torch.ones(3), torch.ones(3))
     with pytest.raises(ValueError, match="dropout probability"):
         LinearReLUDropout(4, 4, p=1.5)
-    with pytest.raises(ValueError, match="mat1 and mat2 shapes cannot be multiplied"):
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(2x5 and 4x4\)"):
         LinearReLUDropout(4, 4)(randn(2, 5))
+    with pytest.raises(RuntimeError, match="mat1 and mat2 must have the same dtype"):
+        LinearReLUDropout(4, 4)(randn(2, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="runs on the triton backend only"):  # a device Triton cannot serve
+        m(torch.empty(2, 3, 5, 5, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------- GPU: VGG shapes

@@ -528,11 +528,11 @@ def _check_same_device(*ts) -> None:
 def _check_conv_args(x, weight, bias, in_scale, in_shift):
     check_tensor(x, "input", ndim=4)
     check_tensor(weight, "weight", ndim=4)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    if weight.dtype != x.dtype:  # torch's conv2d messages and exception types
+        raise RuntimeError(f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
     if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"expected input to have {weight.shape[1]} channels, but got {x.shape[1]} channels "
-                         f"(input shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
+        raise RuntimeError(f"Given groups=1, weight of size {list(weight.shape)}, expected input{list(x.shape)} to "
+                           f"have {weight.shape[1]} channels, but got {x.shape[1]} channels instead")
     if bias is not None:
         _check_vec(bias, "bias", weight.shape[0])
     if (in_scale is None) != (in_shift is None):
@@ -802,10 +802,10 @@ def _gemm(a, b, out, *, o=None, a_scale=1.0, bias=None, seed=0, p=0.0, relu_drop
 def _check_linear_args(x, weight, bias, p):
     check_tensor(x, "input", ndim=2)
     check_tensor(weight, "weight", ndim=2)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"expected m1 and m2 to have the same dtype, but got: {x.dtype} != {weight.dtype}")
+    if weight.dtype != x.dtype:  # torch's linear messages and exception types
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {weight.dtype}")
     if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[0]}x{x.shape[1]} and "
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[0]}x{x.shape[1]} and "
                          f"{weight.shape[1]}x{weight.shape[0]})")
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
