@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_tensor, new_output
+from ._common import check_tensor, new_output
 
 # ---------------------------------------------------------------------------- tile choices
 # Interpreter (CPU tests): the smallest tiles tl.dot takes, so programs stay cheap.

@@ -26,20 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_EMPTY_NOTE = "absent optional results are returned as empty (0-element) float32 tensors"
-
 
 def _kernels():
     from fusedcnn.triton_kernels import fused  # lazily: triton is optional
     return fused
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,), dtype=torch.float32)
-
-
-def _none_if_empty(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
 
 
 def _fmt(x: Tensor) -> torch.memory_format:
@@ -58,7 +48,8 @@ def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: O
 
 @torch.library.custom_op("fusedcnn::triton_conv_bn_relu_backward", mutates_args=())
 def _conv_bn_relu_backward(grad: Tensor, y: Optional[Tensor], grad_mean: Optional[Tensor],
-                           grad_var: Optional[Tensor], mean: Optional[Tensor], x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                           grad_var: Optional[Tensor], mean: Optional[Tensor], x: Tensor, weight: Tensor,
+                           in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                            stride: list[int], padding: list[int], dilation: list[int],
                            has_bias: bool, compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _kernels().conv_bwd(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
@@ -115,8 +106,8 @@ def _conv_backward(ctx, grad_y, grad_mean, grad_var):
     dx, dw, db, ds, dt = _conv_bn_relu_backward(grad_y, y if stats_used else None, grad_mean, grad_var,
                                                 mean if stats_used else None, x, weight, in_scale, in_shift,
                                                 stride, padding, dilation, ctx.has_bias, ctx.needs_input_grad[0])
-    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None, ds if in_scale is not None else None,
-            dt if in_shift is not None else None, None, None, None, None)
+    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
+            ds if in_scale is not None else None, dt if in_shift is not None else None, None, None, None, None)
 
 
 torch.library.register_autograd("fusedcnn::triton_conv_bn_relu", _conv_backward, setup_context=_conv_setup_context)
