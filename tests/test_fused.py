@@ -307,6 +307,19 @@ def test_opcheck_linear():
                           (randn(3, 4), out, args[0].detach(), args[1].detach(), 0.3, True))
 
 
+def test_torch_compile_fullgraph_chain():
+    """The custom ops trace: a fused chain compiles with fullgraph=True, forward and backward (aot_eager)."""
+    fused = fuse_chain(_vgg_block(3, 4, 4))
+    x = randn(2, 3, 4, 4, requires_grad=True)
+    y = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    xe = x.detach().clone().requires_grad_()
+    ye = fused(xe)
+    (gxe,) = torch.autograd.grad(ye.sum(), xe)
+    check(y, ye.double(), msg="compiled output")
+    check(gx, gxe.double(), msg="compiled grad input")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_input():
     m = ConvBNReLU2d(3, 4, 3)
