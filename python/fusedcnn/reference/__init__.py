@@ -3,5 +3,6 @@
 Readable, complete, and the oracle the tests compare the fast backends with.
 """
 from fusedcnn.reference.activation import relu
+from fusedcnn.reference.conv import conv2d
 
-__all__ = ["relu"]
+__all__ = ["relu", "conv2d"]
