@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <optional>
 
 namespace fusedcnn {
@@ -33,7 +34,14 @@ namespace conv {
 // Bound on the im2col column buffer: the batch is split into chunks of nb images so that
 // C*kH*kW * nb*L elements stay within 256 MiB (a single image whose columns exceed it runs
 // alone: nb >= 1). The per-chunk output / grad_out buffer (K * nb*L) is usually far smaller.
+// FUSEDCNN_CONV_COL_BYTES overrides the bound (the tests shrink it to exercise the chunk loop).
 constexpr int64_t kColBufferBytes = int64_t(256) << 20;
+
+inline int64_t col_buffer_bytes() {
+  const char* v = std::getenv("FUSEDCNN_CONV_COL_BYTES");
+  const long long bytes = v != nullptr ? std::atoll(v) : 0;
+  return bytes > 0 ? static_cast<int64_t>(bytes) : kColBufferBytes;
+}
 
 // Geometry of one convolution; every index is int64 (tensors may pass 2**31 elements).
 struct Geom {
@@ -102,10 +110,10 @@ inline Geom check_args(const char* op, const at::Tensor& x, const at::Tensor& we
   return g;
 }
 
-// Images per chunk so that the column buffer stays within kColBufferBytes (at least one).
+// Images per chunk so that the column buffer stays within col_buffer_bytes() (at least one).
 inline int64_t images_per_chunk(const Geom& g, int64_t N, int64_t elem_size) {
   const int64_t per_image = std::max<int64_t>(1, g.C * g.kh * g.kw * g.Ho * g.Wo * elem_size);
-  return std::max<int64_t>(1, std::min<int64_t>(N, kColBufferBytes / per_image));
+  return std::max<int64_t>(1, std::min<int64_t>(N, col_buffer_bytes() / per_image));
 }
 
 // conv2d(x, weight, bias, stride, padding, dilation, groups, algo) -> out (N, K, H_out, W_out)
@@ -164,9 +172,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
               ", got ", grad_out.sizes());
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  const at::Tensor none = at::empty({0}, x.options());
+  auto none = [&] { return at::empty({0}, x.options()); };  // a fresh one each: outputs must not alias
 
-  at::Tensor grad_x = need_x ? new_output(x.sizes(), x.options(), output_format(x)) : none;
+  at::Tensor grad_x = need_x ? new_output(x.sizes(), x.options(), output_format(x)) : none();
   at::Tensor grad_w_acc = need_w ? at::zeros({G, Kg, CKg}, x.options().dtype(acc_type)) : at::Tensor();
   if ((need_x || need_w) && grad_out.numel() > 0) {
     // col2im writes NCHW: straight into grad_x when it is NCHW, else into a working copy.
@@ -201,9 +209,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   } else if (need_x) {
     grad_x.zero_();
   }
-  at::Tensor grad_w = none, grad_b = none;
-  if (need_w) grad_w = new_output(weight.sizes(), weight.options()).copy_(grad_w_acc.view(weight.sizes()));
-  if (need_b) grad_b = new_output({g.K}, x.options()).copy_(at::sum(grad_out, {0, 2, 3}, false, acc_type));
+  at::Tensor grad_w = need_w ? new_output(weight.sizes(), weight.options()).copy_(grad_w_acc.view(weight.sizes()))
+                             : none();
+  at::Tensor grad_b = need_b ? new_output({g.K}, x.options()).copy_(at::sum(grad_out, {0, 2, 3}, false, acc_type))
+                             : none();
   return {grad_x, grad_w, grad_b};
 }
 

@@ -64,11 +64,12 @@ class _Conv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, pad, dilation, groups):
         kernel = tuple(weight.shape[2:])
         n, g = x.shape[0], groups
+        rows = x.shape[1] // g * kernel[0] * kernel[1]                       # C/G*kH*kW
         xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))  # F.pad takes (left, right, top, bottom)
         h_out = conv_output_size(xp.shape[2], 0, kernel[0], stride[0], dilation[0])
         w_out = conv_output_size(xp.shape[3], 0, kernel[1], stride[1], dilation[1])
         u = F.unfold(xp, kernel, dilation=dilation, stride=stride)           # (N, C*kH*kW, L)
-        u = u.view(n, g, -1, u.shape[-1])                                    # (N, G, C/G*kH*kW, L)
+        u = u.view(n, g, rows, h_out * w_out)                                # (N, G, C/G*kH*kW, L)
         w = weight.reshape(g, weight.shape[0] // g, -1)                      # (G, C_out/G, C/G*kH*kW)
         y = torch.matmul(w, u)                                               # (N, G, C_out/G, L)
         y = y.reshape(n, weight.shape[0], h_out, w_out)
@@ -84,18 +85,18 @@ class _Conv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, pad, dilation, g, padded_size = ctx.geometry
         kernel = tuple(weight.shape[2:])
-        n = x.shape[0]
-        dy = grad_out.reshape(n, g, weight.shape[0] // g, -1)                # (N, G, C_out/G, L)
+        n, rows, length = x.shape[0], weight[0].numel(), grad_out.shape[2] * grad_out.shape[3]
+        dy = grad_out.reshape(n, g, weight.shape[0] // g, length)            # (N, G, C_out/G, L)
         w = weight.reshape(g, weight.shape[0] // g, -1)                      # (G, C_out/G, C/G*kH*kW)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             du = torch.matmul(w.transpose(1, 2), dy)                         # (N, G, C/G*kH*kW, L)
-            dxp = F.fold(du.reshape(n, -1, du.shape[-1]), padded_size, kernel, dilation=dilation, stride=stride)
+            dxp = F.fold(du.reshape(n, g * rows, length), padded_size, kernel, dilation=dilation, stride=stride)
             grad_x = dxp[:, :, pad[0]:padded_size[0] - pad[1], pad[2]:padded_size[1] - pad[3]]
             grad_x = grad_x.contiguous(memory_format=dense_format(x))
         if ctx.needs_input_grad[1]:
             xp = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
-            u = F.unfold(xp, kernel, dilation=dilation, stride=stride).view(n, g, -1, dy.shape[-1])
+            u = F.unfold(xp, kernel, dilation=dilation, stride=stride).view(n, g, rows, length)
             grad_w = torch.matmul(dy, u.transpose(2, 3)).sum(0).reshape(weight.shape)  # sum_n dY·Uᵀ
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
