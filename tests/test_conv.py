@@ -154,7 +154,8 @@ def test_reference_gradcheck():
         x = randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
         w = randn(*ws, dtype=torch.float64, requires_grad=True)
         b = randn(ws[0], dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, w, b: fusedcnn.reference.conv2d(x, w, b, **kw), (x, w, b))
+        assert torch.autograd.gradcheck(lambda x, w, b: fusedcnn.reference.conv2d(x, w, b, **kw), (x, w, b),
+                                        fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", backends(("cpp",)))
@@ -164,9 +165,9 @@ def test_cpp_gradcheck_float64(backend):
     b = randn(4, dtype=torch.float64, requires_grad=True)
     fn = lambda x, w, b: conv2d(x, w, b, stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=2,  # noqa: E731
                                 backend=backend)
-    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
     assert torch.autograd.gradcheck(lambda x, w: conv2d(x, w, padding="same", backend=backend),
-                                    (x, randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)))
+                                    (x, randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)), fast_mode=True)
 
 
 def _opcheck_samples(dtypes):
