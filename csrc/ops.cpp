@@ -17,6 +17,14 @@ TORCH_LIBRARY(fusedcnn, m) {
         "Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? bias, Tensor? sum_dy, Tensor? sum_dy_xmu, float count, bool relu) -> Tensor");
+  // ---- conv: x (N, C, H, W), weight (C_out, C/groups, kH, kW), bias (C_out,); csrc/conv/conv.h.
+  // algo: "auto" | "im2col" (cpp) | "implicit_gemm" (triton only). Symmetric padding: Python pads
+  // asymmetric "same" explicitly. conv2d_backward returns (grad_x, grad_weight, grad_bias), each an
+  // empty (0,) tensor where output_mask is false.
+  m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, str algo) -> Tensor");
+  m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool[3] output_mask, str algo) -> (Tensor, Tensor, Tensor)");
 }
 
 // An importable module with no Python functions: importing fusedcnn._C runs

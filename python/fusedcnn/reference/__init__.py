@@ -4,5 +4,6 @@ Readable, complete, and the oracle the tests compare the fast backends with.
 """
 from fusedcnn.reference.activation import relu
 from fusedcnn.reference.batchnorm import batch_norm, batch_norm_stats
+from fusedcnn.reference.conv import conv2d
 
-__all__ = ["relu", "batch_norm", "batch_norm_stats"]
+__all__ = ["relu", "batch_norm", "batch_norm_stats", "conv2d"]
