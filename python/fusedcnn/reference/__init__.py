@@ -3,5 +3,6 @@
 Readable, complete, and the oracle the tests compare the fast backends with.
 """
 from fusedcnn.reference.activation import relu
+from fusedcnn.reference.pooling import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
 
-__all__ = ["relu"]
+__all__ = ["relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]
