@@ -9,7 +9,8 @@ import fusedcnn
 from fusedcnn.ops._registry import op
 from helpers import CPU_BACKENDS, FAST_CPU_BACKENDS, assert_close, backend_params, randn
 
-BACKENDS = backend_params()
+# torch is the baseline every backend is compared with: testing it against itself could not fail.
+BACKENDS = backend_params(("reference", "triton", "cpp"))
 LOW = [torch.bfloat16, torch.float16]
 
 # (module kwargs, input (H, W)): non-square inputs and kernels, stride 1-3, padding 0-2, dilation 2,
@@ -51,7 +52,7 @@ def _compare(make, x, backend, dtype):
         res = make(torch.nn, {})(x)
     grad = torch.randn((res[0] if isinstance(res, tuple) else res).shape, device=x.device)
     got = _run(make(fusedcnn.nn, dict(backend=backend)), x, grad)
-    for expected_backend in ("torch", "reference"):
+    for expected_backend in ("torch", "reference") if backend != "reference" else ("torch",):
         if expected_backend == "torch":
             exp = _run(make(torch.nn, {}), x, grad)
         else:
@@ -159,12 +160,11 @@ def test_unbatched_and_global(backend):
     assert_close(out, eo)
     assert torch.equal(idx, ei)
     assert_close(fusedcnn.functional.avg_pool2d(x, 2, backend=backend), F.avg_pool2d(x, 2))
-    # global pooling of planes larger than one vector chunk (the NCHW global path loops over H*W)
+    # global pooling of NCHW planes larger than one vector chunk (the global path loops over H*W)
     x = randn(2, 3, 40, 33)
-    for cl in (False, True):
-        xi = x.to(memory_format=torch.channels_last) if cl else x
-        _compare(lambda ns, extra: ns.AdaptiveMaxPool2d(1, return_indices=True, **extra), xi, backend, torch.float32)
-        _compare(lambda ns, extra: ns.AdaptiveAvgPool2d((1, 1), **extra), xi, backend, torch.float32)
+    x[1, 2, 30, 30] = float("nan")
+    _compare(lambda ns, extra: ns.AdaptiveMaxPool2d(1, return_indices=True, **extra), x, backend, torch.float32)
+    _compare(lambda ns, extra: ns.AdaptiveAvgPool2d((1, 1), **extra), x, backend, torch.float32)
 
 
 # ---------------------------------------------------------------- compiled ops: opcheck

@@ -121,7 +121,8 @@ def _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor,
         cnt = (tl.minimum(hs + TAPS_H, H + pad_h) - hs) * (tl.minimum(ws + TAPS_W, W + pad_w) - ws)
     else:
         cnt = (he - tl.maximum(hs, 0)) * (we - tl.maximum(ws, 0))
-    return tl.where(divisor > 0, divisor, cnt).to(tl.float32)
+    # (max(.., 1): lanes outside any window compute a count of 0; their gradient is 0 anyway)
+    return tl.where(divisor > 0, divisor, tl.maximum(cnt, 1)).to(tl.float32)
 
 
 # ---------------------------------------------------------------- forward
