@@ -5,7 +5,7 @@
 // Forward:  NCHW: one task per (n, c) plane, windows walked per output.
 //           NHWC: one task per output position, the innermost loop over the C contiguous
 //           channels (vectorizable), so every input byte is read once from memory.
-// Backward: scatter, one task per (n, c) plane (its writes are its own: no races):
+// Backward: scatter, one task per (n, c) plane — or, NHWC, per image — (its writes are its own: no races):
 //           grad_in is zeroed, then each output adds its gradient to its window —
 //           max: to the argmax, recomputed from x (regular windows) or read from the saved
 //           indices (adaptive); average: grad/divisor to every tap inside the input.
@@ -93,6 +93,47 @@ void forward_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
   });
 }
 
+// One output position (n, oh, ow) of an NHWC image, all C channels at once (the innermost,
+// vectorizable loops run over the contiguous channels). Xn = &x[n, 0, 0, 0]; xs: x's strides.
+// Max: acc = the window max per channel; best (if not null) its flat index h*W+w, else the
+// index bookkeeping is skipped. Average: acc = the window sum.
+template <typename scalar_t, typename acc_t>
+inline void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
+                        acc_t* acc, int64_t* best) {
+  const bool is_max = a.kind == Kind::Max;
+  std::fill(acc, acc + C, is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
+  if (best) std::fill(best, best + C, int64_t(-1));
+  const int64_t hs = a.h.start(oh), he = std::min(a.h.end(oh), a.h.in);
+  const int64_t ws = a.w.start(ow), we = std::min(a.w.end(ow), a.w.in);
+  for (int64_t j = 0; j < a.h.taps; ++j) {
+    const int64_t ih = hs + j * a.h.dil;
+    if (ih >= he) break;
+    if (ih < 0) continue;
+    for (int64_t k = 0; k < a.w.taps; ++k) {
+      const int64_t iw = ws + k * a.w.dil;
+      if (iw >= we) break;
+      if (iw < 0) continue;
+      const scalar_t* row = Xn + ih * xs[2] + iw * xs[3];  // C channels, stride 1
+      if (!is_max) {
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(row[c]);
+      } else if (best == nullptr) {  // NaN sticks: v > NaN and NaN > v are both false
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(row[c]);
+          acc[c] = (v > acc[c] || v != v) ? v : acc[c];
+        }
+      } else {
+        const int64_t flat = ih * a.w.in + iw;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(row[c]);
+          const bool take = best[c] < 0 || v > acc[c] || v != v;
+          acc[c] = take ? v : acc[c];
+          best[c] = take ? flat : best[c];
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_nhwc(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -102,44 +143,65 @@ void forward_nhwc(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
   int64_t* I = idx ? idx->mutable_data_ptr<int64_t>() : nullptr;
   const auto xs = x.strides(), ys = out.strides();
   const bool is_max = a.kind == Kind::Max;
-  at::parallel_for(0, positions, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, positions, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
-    std::vector<int64_t> best(C);
+    std::vector<int64_t> best(I ? C : 0);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t ow = q % OW, oh = (q / OW) % OH, n = q / (OW * OH);
-      std::fill(acc.begin(), acc.end(), is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
-      std::fill(best.begin(), best.end(), int64_t(-1));
-      const int64_t hs = a.h.start(oh), he = std::min(a.h.end(oh), a.h.in);
-      const int64_t ws = a.w.start(ow), we = std::min(a.w.end(ow), a.w.in);
-      for (int64_t j = 0; j < a.h.taps; ++j) {
-        const int64_t ih = hs + j * a.h.dil;
-        if (ih >= he) break;
-        if (ih < 0) continue;
-        for (int64_t k = 0; k < a.w.taps; ++k) {
-          const int64_t iw = ws + k * a.w.dil;
-          if (iw >= we) break;
-          if (iw < 0) continue;
-          const scalar_t* row = X + n * xs[0] + ih * xs[2] + iw * xs[3];  // C channels, stride 1
-          const int64_t flat = ih * a.w.in + iw;
-          if (is_max) {
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = static_cast<acc_t>(row[c]);
-              const bool take = best[c] < 0 || v > acc[c] || v != v;
-              acc[c] = take ? v : acc[c];
-              best[c] = take ? flat : best[c];
-            }
-          } else {
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(row[c]);
-          }
-        }
-      }
+      window_nhwc(X + n * xs[0], xs, a, oh, ow, C, acc.data(), I ? best.data() : nullptr);
       scalar_t* yr = Y + n * ys[0] + oh * ys[2] + ow * ys[3];
       const acc_t scale = is_max ? acc_t(1) : acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
-      for (int64_t c = 0; c < C; ++c) yr[c * ys[1]] = static_cast<scalar_t>(is_max ? acc[c] : acc[c] * scale);
+      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] * scale);  // ys[1] == 1
       if (I) {
         int64_t* ir = I + n * idx->stride(0) + oh * idx->stride(2) + ow * idx->stride(3);
         for (int64_t c = 0; c < C; ++c) ir[c * idx->stride(1)] = best[c];
       }
+    }
+  });
+}
+
+// NHWC backward: one task per image (its writes are its own), channel vectors throughout.
+// D: the acc_t gradient (zeroed), with channels innermost (ds[1] == 1).
+template <typename scalar_t, typename acc_t>
+void backward_nhwc(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx, const Args& a, acc_t* D,
+                   at::IntArrayRef ds) {
+  const int64_t N = g.size(0), C = g.size(1), OH = a.h.out, OW = a.w.out, W = a.w.in;
+  const scalar_t* G = g.const_data_ptr<scalar_t>();
+  const auto gs = g.strides();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(C);
+    std::vector<int64_t> best(C);
+    for (int64_t n = begin; n < end; ++n) {
+      acc_t* Dn = D + n * ds[0];
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const scalar_t* gr = G + n * gs[0] + oh * gs[2] + ow * gs[3];
+          if (a.kind == Kind::Max) {
+            if (idx.defined()) {
+              const int64_t* ir = idx.const_data_ptr<int64_t>() + n * idx.stride(0) + oh * idx.stride(2) +
+                                  ow * idx.stride(3);
+              for (int64_t c = 0; c < C; ++c) best[c] = ir[c * idx.stride(1)];
+            } else {
+              window_nhwc(x.const_data_ptr<scalar_t>() + n * x.stride(0), x.strides(), a, oh, ow, C, m.data(),
+                          best.data());
+            }
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t b = best[c];
+              TORCH_CHECK(b >= 0 && b < a.h.in * W, "pooling backward: index ", b, " out of range");
+              Dn[(b / W) * ds[2] + (b % W) * ds[3] + c] += static_cast<acc_t>(gr[c * gs[1]]);
+            }
+          } else {
+            const acc_t inv = acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
+            for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(gr[c * gs[1]]) * inv;
+            const int64_t hs = std::max<int64_t>(a.h.start(oh), 0), he = std::min(a.h.end(oh), a.h.in);
+            const int64_t ws = std::max<int64_t>(a.w.start(ow), 0), we = std::min(a.w.end(ow), W);
+            for (int64_t ih = hs; ih < he; ++ih)
+              for (int64_t iw = ws; iw < we; ++iw) {
+                acc_t* dr = Dn + ih * ds[2] + iw * ds[3];
+                for (int64_t c = 0; c < C; ++c) dr[c] += m[c];
+              }
+          }
+        }
     }
   });
 }
@@ -176,7 +238,10 @@ struct CpuImpl {
       acc_t* D = acc.mutable_data_ptr<acc_t>();
       const auto gs = g.strides(), ds = acc.strides();
       const int64_t W = a.w.in;
-      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      // NHWC with enough images to keep the threads busy: channel vectors, one task per image.
+      if (C > 1 && acc.stride(1) == 1 && N >= at::get_num_threads())
+        backward_nhwc<scalar_t, acc_t>(g, x, idx, a, D, acc.strides());
+      else at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t n = p / C, c = p % C;
           const scalar_t* gp = G + n * gs[0] + c * gs[1];
