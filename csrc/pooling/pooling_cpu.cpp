@@ -27,10 +27,11 @@ namespace pooling {
 namespace {
 
 // Max over window (oh, ow) of one plane with PyTorch's rule: the first maximum in scan
-// order, but any NaN wins (the last NaN). Returns the flat index h*W+w; `m` gets the value.
+// order, but any NaN wins (the last NaN). Returns the argmax's position ih*ph + iw*pw (ph = W,
+// pw = 1: PyTorch's flat index; the backward passes grad_in's strides to scatter without a division).
 template <typename scalar_t, typename acc_t>
 inline int64_t window_argmax(const scalar_t* xp, int64_t sH, int64_t sW, const Args& a, int64_t oh, int64_t ow,
-                             acc_t& m) {
+                             int64_t ph, int64_t pw, acc_t& m) {
   const int64_t hs = a.h.start(oh), he = std::min(a.h.end(oh), a.h.in);
   const int64_t ws = a.w.start(ow), we = std::min(a.w.end(ow), a.w.in);
   int64_t best = -1;
@@ -46,7 +47,7 @@ inline int64_t window_argmax(const scalar_t* xp, int64_t sH, int64_t sW, const A
       const acc_t v = static_cast<acc_t>(xp[ih * sH + iw * sW]);
       if (best < 0 || v > m || std::isnan(v)) {
         m = v;
-        best = ih * a.w.in + iw;
+        best = ih * ph + iw * pw;
       }
     }
   }
@@ -82,7 +83,7 @@ void forward_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
         for (int64_t ow = 0; ow < OW; ++ow) {
           acc_t v;
           if (a.kind == Kind::Max) {
-            const int64_t best = window_argmax(xp, xs[2], xs[3], a, oh, ow, v);
+            const int64_t best = window_argmax(xp, xs[2], xs[3], a, oh, ow, a.w.in, 1, v);
             if (ip) ip[oh * is2 + ow * is3] = best;
           } else {
             v = window_sum<scalar_t, acc_t>(xp, xs[2], xs[3], a, oh, ow) / static_cast<acc_t>(divisor_of(a, oh, ow));
@@ -95,11 +96,11 @@ void forward_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
 
 // One output position (n, oh, ow) of an NHWC image, all C channels at once (the innermost,
 // vectorizable loops run over the contiguous channels). Xn = &x[n, 0, 0, 0]; xs: x's strides.
-// Max: acc = the window max per channel; best (if not null) its flat index h*W+w, else the
+// Max: acc = the window max per channel; best (if not null) its position ih*ph + iw*pw, else the
 // index bookkeeping is skipped. Average: acc = the window sum.
 template <typename scalar_t, typename acc_t>
 inline void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
-                        acc_t* acc, int64_t* best) {
+                        acc_t* acc, int64_t* best, int64_t ph = 0, int64_t pw = 0) {
   const bool is_max = a.kind == Kind::Max;
   std::fill(acc, acc + C, is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
   if (best) std::fill(best, best + C, int64_t(-1));
@@ -122,7 +123,7 @@ inline void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, i
           acc[c] = (v > acc[c] || v != v) ? v : acc[c];
         }
       } else {
-        const int64_t flat = ih * a.w.in + iw;
+        const int64_t flat = ih * ph + iw * pw;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t v = static_cast<acc_t>(row[c]);
           const bool take = best[c] < 0 || v > acc[c] || v != v;
@@ -148,7 +149,7 @@ void forward_nhwc(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
     std::vector<int64_t> best(I ? C : 0);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t ow = q % OW, oh = (q / OW) % OH, n = q / (OW * OH);
-      window_nhwc(X + n * xs[0], xs, a, oh, ow, C, acc.data(), I ? best.data() : nullptr);
+      window_nhwc(X + n * xs[0], xs, a, oh, ow, C, acc.data(), I ? best.data() : nullptr, a.w.in, 1);
       scalar_t* yr = Y + n * ys[0] + oh * ys[2] + ow * ys[3];
       const acc_t scale = is_max ? acc_t(1) : acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
       for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] * scale);  // ys[1] == 1
@@ -180,16 +181,16 @@ void backward_nhwc(const at::Tensor& g, const at::Tensor& x, const at::Tensor& i
             if (idx.defined()) {
               const int64_t* ir = idx.const_data_ptr<int64_t>() + n * idx.stride(0) + oh * idx.stride(2) +
                                   ow * idx.stride(3);
-              for (int64_t c = 0; c < C; ++c) best[c] = ir[c * idx.stride(1)];
-            } else {
+              for (int64_t c = 0; c < C; ++c) {  // flat h*W+w -> grad_in position
+                const int64_t b = ir[c * idx.stride(1)];
+                TORCH_CHECK(b >= 0 && b < a.h.in * W, "pooling backward: index ", b, " out of range");
+                best[c] = (b / W) * ds[2] + (b % W) * ds[3];
+              }
+            } else {  // positions come back in grad_in's strides: no division per element
               window_nhwc(x.const_data_ptr<scalar_t>() + n * x.stride(0), x.strides(), a, oh, ow, C, m.data(),
-                          best.data());
+                          best.data(), ds[2], ds[3]);
             }
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t b = best[c];
-              TORCH_CHECK(b >= 0 && b < a.h.in * W, "pooling backward: index ", b, " out of range");
-              Dn[(b / W) * ds[2] + (b % W) * ds[3] + c] += static_cast<acc_t>(gr[c * gs[1]]);
-            }
+            for (int64_t c = 0; c < C; ++c) Dn[best[c] + c] += static_cast<acc_t>(gr[c * gs[1]]);
           } else {
             const acc_t inv = acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
             for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(gr[c * gs[1]]) * inv;
@@ -254,11 +255,13 @@ struct CpuImpl {
                 if (I) {
                   best = I[n * idx.stride(0) + c * idx.stride(1) + oh * idx.stride(2) + ow * idx.stride(3)];
                   TORCH_CHECK(best >= 0 && best < a.h.in * W, "pooling backward: index ", best, " out of range");
+                  best = (best / W) * ds[2] + (best % W) * ds[3];
                 } else {
                   acc_t m;
-                  best = window_argmax(X + n * x.stride(0) + c * x.stride(1), x.stride(2), x.stride(3), a, oh, ow, m);
+                  best = window_argmax(X + n * x.stride(0) + c * x.stride(1), x.stride(2), x.stride(3), a, oh, ow,
+                                       ds[2], ds[3], m);
                 }
-                dp[(best / W) * ds[2] + (best % W) * ds[3]] += gv;
+                dp[best] += gv;
               } else {
                 const acc_t share = gv / static_cast<acc_t>(divisor_of(a, oh, ow));
                 const int64_t hs = std::max<int64_t>(a.h.start(oh), 0), he = std::min(a.h.end(oh), a.h.in);
