@@ -25,6 +25,21 @@ TORCH_LIBRARY(fusedcnn, m) {
         "int groups, str algo) -> Tensor");
   m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool[3] output_mask, str algo) -> (Tensor, Tensor, Tensor)");
+  // ---- pooling: x (N, C, H, W) float32|float16|bfloat16 (CPU: float32|float64|bfloat16), NCHW or NHWC.
+  // Indices are flat h*W+w per plane, int64 (empty when not requested). Backward of max
+  // recomputes the argmax from x; adaptive max reads its saved indices (csrc/pooling/).
+  m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode, "
+        "bool return_indices) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_out, Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def("avg_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+        "bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("avg_pool2d_backward(Tensor grad_out, int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("adaptive_avg_pool2d(Tensor x, int[2] output_size) -> Tensor");
+  m.def("adaptive_avg_pool2d_backward(Tensor grad_out, int[4] input_size) -> Tensor");
+  m.def("adaptive_max_pool2d(Tensor x, int[2] output_size) -> (Tensor, Tensor)");
+  m.def("adaptive_max_pool2d_backward(Tensor grad_out, Tensor indices, int[4] input_size) -> Tensor");
 }
 
 // An importable module with no Python functions: importing fusedcnn._C runs

@@ -1,40 +1,258 @@
-"""Pooling. STUB (foundation skeleton): only the torch backend; the pooling family replaces this file."""
+"""Pooling: max, average, adaptive average, adaptive max (global 1x1 included).
+
+x: (N, C, H, W) or unbatched (C, H, W); float32|float16|bfloat16 (cpp on CPU: float32|float64|bfloat16),
+NCHW or NHWC -> out (N, C, OH, OW) in x's memory format (as torch). Indices: flat h*W+w per plane, int64.
+
+Ops (the same schema for cpp `torch.ops.fusedcnn.<name>` and triton `torch.ops.fusedcnn.triton_<name>`):
+  max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices) -> (out, indices | empty)
+  max_pool2d_backward(grad_out, x, kernel, stride, padding, dilation, ceil_mode) -> grad_in
+      the argmax is recomputed from x instead of saved (fewer bytes: see triton_kernels/pooling.py)
+  avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> out
+  avg_pool2d_backward(grad_out, input_size, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+  adaptive_avg_pool2d(x, output_size) -> out;   adaptive_avg_pool2d_backward(grad_out, input_size)
+  adaptive_max_pool2d(x, output_size) -> (out, indices)   (always: its backward reads them)
+  adaptive_max_pool2d_backward(grad_out, indices, input_size)
+Arguments are checked here, where the user calls, with PyTorch's messages (reference.pooling.*_geometry).
+"""
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends
+from fusedcnn import backends, reference
+from fusedcnn.ops._registry import op, register
+from fusedcnn.reference.pooling import adaptive_geometry, pooled_size, regular_geometry
+from fusedcnn.triton_kernels._common import dense_format
 
 FAMILY = "pooling"
 
 
+# ---- triton: custom ops over fusedcnn.triton_kernels.pooling (imported lazily: triton is optional)
+@torch.library.custom_op("fusedcnn::triton_max_pool2d", mutates_args=())
+def _triton_max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                       dilation: list[int], ceil_mode: bool, return_indices: bool) -> tuple[Tensor, Tensor]:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.max_pool2d_fwd(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+@torch.library.custom_op("fusedcnn::triton_max_pool2d_backward", mutates_args=())
+def _triton_max_pool2d_backward(grad_out: Tensor, x: Tensor, kernel_size: list[int], stride: list[int],
+                                padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.max_pool2d_bwd(grad_out, x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.custom_op("fusedcnn::triton_avg_pool2d", mutates_args=())
+def _triton_avg_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                       count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.avg_pool2d_fwd(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+@torch.library.custom_op("fusedcnn::triton_avg_pool2d_backward", mutates_args=())
+def _triton_avg_pool2d_backward(grad_out: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
+                                padding: list[int], ceil_mode: bool, count_include_pad: bool,
+                                divisor_override: Optional[int]) -> Tensor:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.avg_pool2d_bwd(grad_out, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                            divisor_override)
+
+
+@torch.library.custom_op("fusedcnn::triton_adaptive_avg_pool2d", mutates_args=())
+def _triton_adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.adaptive_avg_pool2d_fwd(x, output_size)
+
+
+@torch.library.custom_op("fusedcnn::triton_adaptive_avg_pool2d_backward", mutates_args=())
+def _triton_adaptive_avg_pool2d_backward(grad_out: Tensor, input_size: list[int]) -> Tensor:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.adaptive_avg_pool2d_bwd(grad_out, input_size)
+
+
+@torch.library.custom_op("fusedcnn::triton_adaptive_max_pool2d", mutates_args=())
+def _triton_adaptive_max_pool2d(x: Tensor, output_size: list[int]) -> tuple[Tensor, Tensor]:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.adaptive_max_pool2d_fwd(x, output_size)
+
+
+@torch.library.custom_op("fusedcnn::triton_adaptive_max_pool2d_backward", mutates_args=())
+def _triton_adaptive_max_pool2d_backward(grad_out: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
+    from fusedcnn.triton_kernels import pooling as K
+    return K.adaptive_max_pool2d_bwd(grad_out, indices, input_size)
+
+
+# ---- fake functions (shapes, dtypes, memory formats), shared by triton and cpp
+def _empty(x: Tensor, shape, dtype=None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=dense_format(x))
+
+
+def _fake_regular(x, kernel_size, stride, padding, dilation, ceil_mode):
+    N, C, H, W = x.shape
+    return (N, C, pooled_size(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
+            pooled_size(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode))
+
+
+def _fake_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    shape = _fake_regular(x, kernel_size, stride, padding, dilation, ceil_mode)
+    idx = _empty(x, shape, torch.int64) if return_indices else x.new_empty((0,), dtype=torch.int64)
+    return _empty(x, shape), idx
+
+
+def _fake_avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return _empty(x, _fake_regular(x, kernel_size, stride, padding, (1, 1), ceil_mode))
+
+
+def _fake_grad_in(grad_out, input_size, *args):
+    return _empty(grad_out, input_size)
+
+
+def _fake_adaptive(x, output_size):
+    return _empty(x, (*x.shape[:2], *output_size))
+
+
+register("max_pool2d_backward", fake=lambda g, x, *args: _empty(g, x.shape))
+register("avg_pool2d_backward", fake=_fake_grad_in)
+register("adaptive_avg_pool2d_backward", fake=_fake_grad_in)
+register("adaptive_max_pool2d_backward", fake=lambda g, idx, input_size: _empty(g, input_size))
+
+
+# ---- autograd (each backend's backward calls that backend's own backward op)
+def _save_x(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.args = inputs[1:]
+
+
+def _save_shape(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape)
+    ctx.args = inputs[1:]
+
+
+def _save_indices(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.input_size = list(inputs[0].shape)
+
+
+def _max_pool2d_backward(backend):
+    bwd = op(backend, "max_pool2d_backward")
+
+    def backward(ctx, grad_out, grad_indices):
+        (x,) = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, ceil_mode, _ = ctx.args
+        return bwd(grad_out, x, kernel_size, stride, padding, dilation, ceil_mode), *([None] * 6)
+    return backward
+
+
+def _avg_pool2d_backward(backend):
+    bwd = op(backend, "avg_pool2d_backward")
+
+    def backward(ctx, grad_out):
+        return bwd(grad_out, ctx.input_size, *ctx.args), *([None] * 6)
+    return backward
+
+
+def _adaptive_avg_pool2d_backward(backend):
+    bwd = op(backend, "adaptive_avg_pool2d_backward")
+    return lambda ctx, grad_out: (bwd(grad_out, ctx.input_size), None)
+
+
+def _adaptive_max_pool2d_backward(backend):
+    bwd = op(backend, "adaptive_max_pool2d_backward")
+
+    def backward(ctx, grad_out, grad_indices):
+        (indices,) = ctx.saved_tensors
+        return bwd(grad_out, indices, ctx.input_size), None
+    return backward
+
+
+register("max_pool2d", fake=_fake_max_pool2d, setup_context=_save_x, backward_factory=_max_pool2d_backward)
+register("avg_pool2d", fake=_fake_avg_pool2d, setup_context=_save_shape, backward_factory=_avg_pool2d_backward)
+register("adaptive_avg_pool2d", fake=_fake_adaptive, setup_context=_save_shape,
+         backward_factory=_adaptive_avg_pool2d_backward)
+register("adaptive_max_pool2d", fake=lambda x, output_size: (_fake_adaptive(x, output_size),
+                                                              _empty(x, (*x.shape[:2], *output_size), torch.int64)),
+         setup_context=_save_indices, backward_factory=_adaptive_max_pool2d_backward)
+
+
+# ---- public functional entry points (torch.nn.functional's signatures + backend=)
+def _run_batched(fn, x: Tensor):
+    """Run fn on a 4-D view of x; unbatched (C, H, W) input gets a batch of one, as in torch."""
+    if x.dim() == 4:
+        return fn(x)
+    res = fn(x.unsqueeze(0))
+    return tuple(r.squeeze(0) for r in res) if isinstance(res, tuple) else res.squeeze(0)
+
+
+def _check_input(x, fn):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(x).__name__}")
+
+
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False, *, backend: str | None = None):
+    """torch.nn.functional.max_pool2d with a `backend=` choice."""
+    _check_input(input, "max_pool2d")
     name = backends.resolve(backend, input, FAMILY)
     if name == "torch":
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
-    raise NotImplementedError(f"max_pool2d: backend {name!r} not written yet")
+    k, s, p, d, _ = regular_geometry("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    def run(x):
+        if name == "reference":
+            return reference.max_pool2d(x, k, s, p, d, ceil_mode, return_indices)
+        out, idx = op(name, "max_pool2d")(x, list(k), list(s), list(p), list(d), ceil_mode, return_indices)
+        return (out, idx) if return_indices else out
+    return _run_batched(run, input)
 
 
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None, *, backend: str | None = None):
+    """torch.nn.functional.avg_pool2d with a `backend=` choice."""
+    _check_input(input, "avg_pool2d")
     name = backends.resolve(backend, input, FAMILY)
     if name == "torch":
         return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    raise NotImplementedError(f"avg_pool2d: backend {name!r} not written yet")
+    if divisor_override is not None and divisor_override == 0:
+        raise RuntimeError("divisor must be not zero")
+    k, s, p, _, _ = regular_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
+
+    def run(x):
+        if name == "reference":
+            return reference.avg_pool2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override)
+        return op(name, "avg_pool2d")(x, list(k), list(s), list(p), ceil_mode, count_include_pad, divisor_override)
+    return _run_batched(run, input)
 
 
 def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = None):
+    """torch.nn.functional.adaptive_avg_pool2d with a `backend=` choice."""
+    _check_input(input, "adaptive_avg_pool2d")
     name = backends.resolve(backend, input, FAMILY)
     if name == "torch":
         return F.adaptive_avg_pool2d(input, output_size)
-    raise NotImplementedError(f"adaptive_avg_pool2d: backend {name!r} not written yet")
+    out_hw = adaptive_geometry("adaptive_avg_pool2d", input, output_size)
+
+    def run(x):
+        if name == "reference":
+            return reference.adaptive_avg_pool2d(x, out_hw)
+        return op(name, "adaptive_avg_pool2d")(x, list(out_hw))
+    return _run_batched(run, input)
 
 
 def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False, *, backend: str | None = None):
+    """torch.nn.functional.adaptive_max_pool2d with a `backend=` choice."""
+    _check_input(input, "adaptive_max_pool2d")
     name = backends.resolve(backend, input, FAMILY)
     if name == "torch":
         return F.adaptive_max_pool2d(input, output_size, return_indices)
-    raise NotImplementedError(f"adaptive_max_pool2d: backend {name!r} not written yet")
+    out_hw = adaptive_geometry("adaptive_max_pool2d", input, output_size)
+
+    def run(x):
+        if name == "reference":
+            return reference.adaptive_max_pool2d(x, out_hw, return_indices)
+        out, idx = op(name, "adaptive_max_pool2d")(x, list(out_hw))
+        return (out, idx) if return_indices else out
+    return _run_batched(run, input)

@@ -1,0 +1,287 @@
+// Pooling on CPU tensors: x (N, C, H, W) float32|float64|bfloat16, any strides (NCHW and NHWC
+// without copies); accumulation in at::opmath_type (float for bfloat16).
+// Geometry, argument checks and the op wrappers: pooling.h.
+//
+// Forward:  NCHW: one task per (n, c) plane, windows walked per output.
+//           NHWC: one task per output position, the innermost loop over the C contiguous
+//           channels (vectorizable), so every input byte is read once from memory.
+// Backward: scatter, one task per (n, c) plane — or, NHWC, per image — (its writes are its own: no races):
+//           grad_in is zeroed, then each output adds its gradient to its window —
+//           max: to the argmax, recomputed from x (regular windows) or read from the saved
+//           indices (adaptive); average: grad/divisor to every tap inside the input.
+//           Overlapping windows (stride < kernel) simply add up.
+// Bytes (VGG 2x2/s2 max, float32, per output): forward reads 16 and writes 4 (+8 if indices
+// are asked for); backward reads 16 of x and 4 of grad_out, writes 16 of grad_in
+// (plus the zeroing pass over grad_in, 16, which stays in cache per plane).
+#include "pooling/pooling.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fusedcnn {
+namespace pooling {
+namespace {
+
+// Max over window (oh, ow) of one plane with PyTorch's rule: the first maximum in scan
+// order, but any NaN wins (the last NaN). Returns the argmax's position ih*ph + iw*pw (ph = W,
+// pw = 1: PyTorch's flat index; the backward passes grad_in's strides to scatter without a division).
+template <typename scalar_t, typename acc_t>
+inline int64_t window_argmax(const scalar_t* xp, int64_t sH, int64_t sW, const Args& a, int64_t oh, int64_t ow,
+                             int64_t ph, int64_t pw, acc_t& m) {
+  const int64_t hs = a.h.start(oh), he = std::min(a.h.end(oh), a.h.in);
+  const int64_t ws = a.w.start(ow), we = std::min(a.w.end(ow), a.w.in);
+  int64_t best = -1;
+  m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < a.h.taps; ++j) {
+    const int64_t ih = hs + j * a.h.dil;
+    if (ih >= he) break;
+    if (ih < 0) continue;
+    for (int64_t k = 0; k < a.w.taps; ++k) {
+      const int64_t iw = ws + k * a.w.dil;
+      if (iw >= we) break;
+      if (iw < 0) continue;
+      const acc_t v = static_cast<acc_t>(xp[ih * sH + iw * sW]);
+      if (best < 0 || v > m || std::isnan(v)) {
+        m = v;
+        best = ih * ph + iw * pw;
+      }
+    }
+  }
+  return best;
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t window_sum(const scalar_t* xp, int64_t sH, int64_t sW, const Args& a, int64_t oh, int64_t ow) {
+  const int64_t hs = std::max<int64_t>(a.h.start(oh), 0), he = std::min(a.h.end(oh), a.h.in);
+  const int64_t ws = std::max<int64_t>(a.w.start(ow), 0), we = std::min(a.w.end(ow), a.w.in);
+  acc_t s = 0;
+  for (int64_t ih = hs; ih < he; ++ih)
+    for (int64_t iw = ws; iw < we; ++iw) s += static_cast<acc_t>(xp[ih * sH + iw * sW]);
+  return s;
+}
+
+template <typename scalar_t>
+void forward_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), planes = x.size(0) * C, OH = a.h.out, OW = a.w.out;
+  const scalar_t* X = x.const_data_ptr<scalar_t>();
+  scalar_t* Y = out.mutable_data_ptr<scalar_t>();
+  int64_t* I = idx ? idx->mutable_data_ptr<int64_t>() : nullptr;
+  const auto xs = x.strides(), ys = out.strides();
+  const int64_t is2 = idx ? idx->stride(2) : 0, is3 = idx ? idx->stride(3) : 0;
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / C, c = p % C;
+      const scalar_t* xp = X + n * xs[0] + c * xs[1];
+      scalar_t* yp = Y + n * ys[0] + c * ys[1];
+      int64_t* ip = I ? I + n * idx->stride(0) + c * idx->stride(1) : nullptr;
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          acc_t v;
+          if (a.kind == Kind::Max) {
+            const int64_t best = window_argmax(xp, xs[2], xs[3], a, oh, ow, a.w.in, 1, v);
+            if (ip) ip[oh * is2 + ow * is3] = best;
+          } else {
+            v = window_sum<scalar_t, acc_t>(xp, xs[2], xs[3], a, oh, ow) / static_cast<acc_t>(divisor_of(a, oh, ow));
+          }
+          yp[oh * ys[2] + ow * ys[3]] = static_cast<scalar_t>(v);
+        }
+    }
+  });
+}
+
+// One output position (n, oh, ow) of an NHWC image, all C channels at once (the innermost,
+// vectorizable loops run over the contiguous channels). Xn = &x[n, 0, 0, 0]; xs: x's strides.
+// Max: acc = the window max per channel; best (if not null) its position ih*ph + iw*pw, else the
+// index bookkeeping is skipped. Average: acc = the window sum.
+template <typename scalar_t, typename acc_t>
+inline void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
+                        acc_t* acc, int64_t* best, int64_t ph = 0, int64_t pw = 0) {
+  const bool is_max = a.kind == Kind::Max;
+  std::fill(acc, acc + C, is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
+  if (best) std::fill(best, best + C, int64_t(-1));
+  const int64_t hs = a.h.start(oh), he = std::min(a.h.end(oh), a.h.in);
+  const int64_t ws = a.w.start(ow), we = std::min(a.w.end(ow), a.w.in);
+  for (int64_t j = 0; j < a.h.taps; ++j) {
+    const int64_t ih = hs + j * a.h.dil;
+    if (ih >= he) break;
+    if (ih < 0) continue;
+    for (int64_t k = 0; k < a.w.taps; ++k) {
+      const int64_t iw = ws + k * a.w.dil;
+      if (iw >= we) break;
+      if (iw < 0) continue;
+      const scalar_t* row = Xn + ih * xs[2] + iw * xs[3];  // C channels, stride 1
+      if (!is_max) {
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(row[c]);
+      } else if (best == nullptr) {  // NaN sticks: v > NaN and NaN > v are both false
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(row[c]);
+          acc[c] = (v > acc[c] || v != v) ? v : acc[c];
+        }
+      } else {
+        const int64_t flat = ih * ph + iw * pw;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(row[c]);
+          const bool take = best[c] < 0 || v > acc[c] || v != v;
+          acc[c] = take ? v : acc[c];
+          best[c] = take ? flat : best[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_nhwc(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), OH = a.h.out, OW = a.w.out, positions = x.size(0) * OH * OW;
+  const scalar_t* X = x.const_data_ptr<scalar_t>();
+  scalar_t* Y = out.mutable_data_ptr<scalar_t>();
+  int64_t* I = idx ? idx->mutable_data_ptr<int64_t>() : nullptr;
+  const auto xs = x.strides(), ys = out.strides();
+  const bool is_max = a.kind == Kind::Max;
+  at::parallel_for(0, positions, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    std::vector<int64_t> best(I ? C : 0);
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t ow = q % OW, oh = (q / OW) % OH, n = q / (OW * OH);
+      window_nhwc(X + n * xs[0], xs, a, oh, ow, C, acc.data(), I ? best.data() : nullptr, a.w.in, 1);
+      scalar_t* yr = Y + n * ys[0] + oh * ys[2] + ow * ys[3];
+      const acc_t scale = is_max ? acc_t(1) : acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
+      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] * scale);  // ys[1] == 1
+      if (I) {
+        int64_t* ir = I + n * idx->stride(0) + oh * idx->stride(2) + ow * idx->stride(3);
+        for (int64_t c = 0; c < C; ++c) ir[c * idx->stride(1)] = best[c];
+      }
+    }
+  });
+}
+
+// NHWC backward: one task per image (its writes are its own), channel vectors throughout.
+// D: the acc_t gradient (zeroed), with channels innermost (ds[1] == 1).
+template <typename scalar_t, typename acc_t>
+void backward_nhwc(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx, const Args& a, acc_t* D,
+                   at::IntArrayRef ds) {
+  const int64_t N = g.size(0), C = g.size(1), OH = a.h.out, OW = a.w.out, W = a.w.in;
+  const scalar_t* G = g.const_data_ptr<scalar_t>();
+  const auto gs = g.strides();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(C);
+    std::vector<int64_t> best(C);
+    for (int64_t n = begin; n < end; ++n) {
+      acc_t* Dn = D + n * ds[0];
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const scalar_t* gr = G + n * gs[0] + oh * gs[2] + ow * gs[3];
+          if (a.kind == Kind::Max) {
+            if (idx.defined()) {
+              const int64_t* ir = idx.const_data_ptr<int64_t>() + n * idx.stride(0) + oh * idx.stride(2) +
+                                  ow * idx.stride(3);
+              for (int64_t c = 0; c < C; ++c) {  // flat h*W+w -> grad_in position
+                const int64_t b = ir[c * idx.stride(1)];
+                TORCH_CHECK(b >= 0 && b < a.h.in * W, "pooling backward: index ", b, " out of range");
+                best[c] = (b / W) * ds[2] + (b % W) * ds[3];
+              }
+            } else {  // positions come back in grad_in's strides: no division per element
+              window_nhwc(x.const_data_ptr<scalar_t>() + n * x.stride(0), x.strides(), a, oh, ow, C, m.data(),
+                          best.data(), ds[2], ds[3]);
+            }
+            for (int64_t c = 0; c < C; ++c) Dn[best[c] + c] += static_cast<acc_t>(gr[c * gs[1]]);
+          } else {
+            const acc_t inv = acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
+            for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(gr[c * gs[1]]) * inv;
+            const int64_t hs = std::max<int64_t>(a.h.start(oh), 0), he = std::min(a.h.end(oh), a.h.in);
+            const int64_t ws = std::max<int64_t>(a.w.start(ow), 0), we = std::min(a.w.end(ow), W);
+            for (int64_t ih = hs; ih < he; ++ih)
+              for (int64_t iw = ws; iw < we; ++iw) {
+                acc_t* dr = Dn + ih * ds[2] + iw * ds[3];
+                for (int64_t c = 0; c < C; ++c) dr[c] += m[c];
+              }
+          }
+        }
+    }
+  });
+}
+
+struct CpuImpl {
+  static constexpr c10::DeviceType device = c10::DeviceType::CPU;
+
+  static void check_dtype(const at::Tensor& t) {
+    const auto d = t.scalar_type();
+    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16,
+                "fusedcnn pooling (cpp, CPU) supports float32, float64 and bfloat16, got ", d);
+  }
+
+  static void forward(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
+    // NHWC when the channels are the innermost dense dimension (and there is more than one).
+    const bool nhwc = x.size(1) > 1 && x.stride(1) == 1 && out.stride(1) == 1;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pool2d_forward_cpu", [&] {
+      if (nhwc) forward_nhwc<scalar_t>(x, a, out, idx);
+      else forward_nchw<scalar_t>(x, a, out, idx);
+    });
+  }
+
+  static void backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx, const Args& a,
+                       at::Tensor& grad_in) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "pool2d_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      // Overlapping windows add up: accumulate in acc_t (a float copy for bfloat16).
+      at::Tensor acc = std::is_same<acc_t, scalar_t>::value ? grad_in : at::empty_like(grad_in, grad_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc.zero_();
+      const int64_t N = g.size(0), C = g.size(1), OH = a.h.out, OW = a.w.out;
+      const scalar_t* G = g.const_data_ptr<scalar_t>();
+      const scalar_t* X = x.defined() ? x.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t* I = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
+      acc_t* D = acc.mutable_data_ptr<acc_t>();
+      const auto gs = g.strides(), ds = acc.strides();
+      const int64_t W = a.w.in;
+      // NHWC with enough images to keep the threads busy: channel vectors, one task per image.
+      if (C > 1 && acc.stride(1) == 1 && N >= at::get_num_threads())
+        backward_nhwc<scalar_t, acc_t>(g, x, idx, a, D, acc.strides());
+      else at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t n = p / C, c = p % C;
+          const scalar_t* gp = G + n * gs[0] + c * gs[1];
+          acc_t* dp = D + n * ds[0] + c * ds[1];
+          for (int64_t oh = 0; oh < OH; ++oh)
+            for (int64_t ow = 0; ow < OW; ++ow) {
+              const acc_t gv = static_cast<acc_t>(gp[oh * gs[2] + ow * gs[3]]);
+              if (a.kind == Kind::Max) {
+                int64_t best;
+                if (I) {
+                  best = I[n * idx.stride(0) + c * idx.stride(1) + oh * idx.stride(2) + ow * idx.stride(3)];
+                  TORCH_CHECK(best >= 0 && best < a.h.in * W, "pooling backward: index ", best, " out of range");
+                  best = (best / W) * ds[2] + (best % W) * ds[3];
+                } else {
+                  acc_t m;
+                  best = window_argmax(X + n * x.stride(0) + c * x.stride(1), x.stride(2), x.stride(3), a, oh, ow,
+                                       ds[2], ds[3], m);
+                }
+                dp[best] += gv;
+              } else {
+                const acc_t share = gv / static_cast<acc_t>(divisor_of(a, oh, ow));
+                const int64_t hs = std::max<int64_t>(a.h.start(oh), 0), he = std::min(a.h.end(oh), a.h.in);
+                const int64_t ws = std::max<int64_t>(a.w.start(ow), 0), we = std::min(a.w.end(ow), W);
+                for (int64_t ih = hs; ih < he; ++ih)
+                  for (int64_t iw = ws; iw < we; ++iw) dp[ih * ds[2] + iw * ds[3]] += share;
+              }
+            }
+        }
+      });
+      if (!acc.is_same(grad_in)) grad_in.copy_(acc);
+    });
+  }
+};
+
+}  // namespace
+}  // namespace pooling
+
+TORCH_LIBRARY_IMPL(fusedcnn, CPU, m) {
+  FUSEDCNN_REGISTER_POOLING(m, pooling::CpuImpl);
+}
+
+}  // namespace fusedcnn
