@@ -39,7 +39,10 @@ def _state_equal(a: dict, b: dict) -> list[str]:
                          + [pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
                             for p in backend_params(("reference", "cpp"))])
 def test_reaches_90_percent_on_the_mnist_sample(backend):
-    """200 steps of 64 (3.6 epochs of the 3,572-digit training split), no augmentation, OneCycle Adam."""
+    """200 steps of 64 (3.6 epochs of the 3,572-digit training split), no augmentation, OneCycle Adam.
+
+    Seed 0 reaches 91.6% with the torch backend here (deterministic on CPU). A width-1/16 VGG16 is at the
+    edge of what learns this fast: seeds 1 and 2 reach only 78-82% in 200 steps (width 1/8: 96.5%)."""
     try:
         m = run(TrainConfig(**TINY, backend=backend, steps=200, batch_size=64, lr=3e-3, schedule="onecycle",
                             dropout=0.0, augment=False, output_dir=None, test=False))
