@@ -8,6 +8,11 @@ TORCH_LIBRARY(fusedcnn, m) {
   // ---- activation: x (any shape) float32|float64|float16|bfloat16
   m.def("relu(Tensor x) -> Tensor");
   m.def("relu_backward(Tensor grad_out, Tensor out) -> Tensor");
+
+  // ---- dropout: x (any shape) float32|float64|float16|bfloat16, contiguous or channels_last.
+  // out = x * (philox_u(seed, logical index) > p ? 1/(1-p) : 0); the backward is the same op on
+  // grad_out with the forward's seed (the mask is regenerated, never stored).
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
 }
 
 // An importable module with no Python functions: importing fusedcnn._C runs
