@@ -41,10 +41,9 @@ def seed_key(seed: int) -> tuple[int, int]:
 
     seed may be any int in [-2**63, 2**64): -1 and 2**64 - 1 are the same key.
     """
-    if not -(2**63) <= seed < 2**64:
+    if not torch.compiler.is_compiling() and not -(2**63) <= seed < 2**64:  # compiled: an int64 SymInt
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
-    seed &= 2**64 - 1
-    return seed & _M32, seed >> 32
+    return seed & _M32, (seed >> 32) & _M32  # Python's >> and & act on the two's complement of a negative int
 
 
 def philox4x32_10(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -63,7 +62,7 @@ def randint(seed: int, offsets: Tensor) -> Tensor:
     """tl.randint(seed, offsets): output word 0 at counter (offset lo, offset hi, 0, 0), as an int64 in [0, 2**32)."""
     if offsets.dtype != torch.int64:
         raise TypeError(f"offsets must be int64, got {offsets.dtype}")
-    if offsets.numel() and int(offsets.min()) < 0:
+    if not torch.compiler.is_compiling() and offsets.numel() and int(offsets.min()) < 0:
         raise ValueError("offsets must be non-negative")
     zero = torch.zeros_like(offsets)
     word0, _, _, _ = philox4x32_10(seed, offsets & _M32, offsets >> 32, zero, zero)
