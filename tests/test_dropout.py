@@ -247,6 +247,19 @@ def test_opcheck(backend):
     torch.library.opcheck(dropout, (randn(2, 3, dtype=torch.bfloat16, requires_grad=True), 0.9, 2**40))
 
 
+@pytest.mark.parametrize("backend", backend_params(("cpp", "triton")))
+def test_torch_compile_fullgraph(backend):
+    """The seed is drawn inside the graph (an int64 SymInt reaches the op); backward regenerates the mask."""
+    x = randn(4, 8, requires_grad=True)
+    compiled = torch.compile(lambda t: F.dropout(t, 0.5, backend=backend), fullgraph=True)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    kept = y.detach() != 0
+    assert 0 < kept.sum() < kept.numel()
+    assert torch.equal(gx, kept.float() * 2.0)
+    assert torch.equal(y.detach(), x.detach() * kept * 2.0)
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("p", [-0.1, 1.5])
