@@ -40,6 +40,11 @@ TORCH_LIBRARY(fusedcnn, m) {
   m.def("adaptive_avg_pool2d_backward(Tensor grad_out, int[4] input_size) -> Tensor");
   m.def("adaptive_max_pool2d(Tensor x, int[2] output_size) -> (Tensor, Tensor)");
   m.def("adaptive_max_pool2d_backward(Tensor grad_out, Tensor indices, int[4] input_size) -> Tensor");
+  // ---- dropout: x (any shape) float32|float64|float16|bfloat16, contiguous or channels_last.
+  // out = x * (philox_u(seed, logical index) > p ? 1/(1-p) : 0); the backward is the same op on
+  // grad_out with the forward's seed (the mask is regenerated, never stored).
+  // seed: SymInt so torch.compile can pass the seed drawn inside the graph; the kernels take an int64.
+  m.def("dropout(Tensor x, float p, SymInt seed) -> Tensor");
 }
 
 // An importable module with no Python functions: importing fusedcnn._C runs
