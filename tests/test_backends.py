@@ -62,3 +62,13 @@ def test_cuda_build_flag_is_reported():
 @pytest.mark.cuda
 def test_cuda_auto_prefers_fast_backends():
     assert backends.resolve(None, torch.randn(3, device="cuda"), "activation") in ("triton", "cpp")
+
+
+@pytest.mark.skipif("cpp" not in fusedcnn.available_backends("cpu"), reason="fusedcnn._C not built")
+def test_stale_extension_disables_cpp_with_a_reason(monkeypatch):
+    from fusedcnn.ops import _registry
+    monkeypatch.setattr(_registry, "registered_backends", lambda: ["cpp"])
+    monkeypatch.setitem(backends._import_errors, "cpp", None)
+    _registry.register("op_from_a_newer_build", fake=lambda x: x)  # an op this _C does not have
+    with pytest.raises(RuntimeError, match="fusedcnn._C is out of date .*op_from_a_newer_build.*rebuild"):
+        fusedcnn.functional.relu(torch.randn(3), backend="cpp")

@@ -36,7 +36,17 @@ def register(forward: str, *, fake: Callable, setup_context: Callable | None = N
     each backend's backward calls that backend's own backward kernels.
     """
     for backend in registered_backends():
-        fwd = op(backend, forward)
+        try:
+            fwd = op(backend, forward)
+        except AttributeError:
+            if backend != "cpp":
+                raise
+            # A fusedcnn._C built from older sources: say so when the cpp backend is asked for,
+            # instead of failing the whole import.
+            backends._import_errors["cpp"] = (
+                f"fusedcnn._C is out of date (it has no op '{forward}'): rebuild it with "
+                "`pip install --no-build-isolation -e .` (or bash scripts/setup.sh)")
+            continue
         torch.library.register_fake(fwd)(fake)
         if backward_factory is not None:
             torch.library.register_autograd(fwd, backward_factory(backend), setup_context=setup_context)
