@@ -26,14 +26,14 @@ CHOICES = BACKENDS + ("auto",)
 
 # "auto": the fastest available backend for the tensor's device, per layer family.
 # On CPU the Triton interpreter is a test tool, never an automatic choice.
+# On CPU the cpp kernels measured slower than torch (oneDNN) for every family on the cpu preset
+# (benchmarks/results/cpu-amd-epyc/kernels-cpu.md), so "auto" keeps torch there until that changes.
 _AUTO_ORDER = {
     "cuda": ("triton", "cpp", "torch"),
-    "cpu": ("cpp", "torch"),
+    "cpu": ("torch",),
 }
 # Families where another order is faster (measured; see benchmarks/NOTES.md).
-_AUTO_ORDER_OVERRIDES = {
-    ("cpu", "conv"): ("torch",),  # oneDNN's direct convolution beats im2col + GEMM on CPU
-}
+_AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
 
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedcnn_backend", default=None)
 
