@@ -66,17 +66,34 @@ def _tile_zeros(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _program_channels(C, CS, BLOCK_C: tl.constexpr):
+    """This program's channel block (grid axis 1): columns, their mask and int64 memory offsets."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    return cols, cmask, cols.to(tl.int64) * CS
+
+
+@triton.jit
+def _program_range(q, P, R, PG, CHUNK, n_rchunks):
+    """Program q's slice of the reduction: planes [p_start, p_end) x rows [r_start, r_end)."""
+    p_start = (q // n_rchunks) * PG
+    r_start = (q % n_rchunks) * CHUNK
+    return p_start, tl.minimum(p_start + PG, P), r_start, tl.minimum(r_start + CHUNK, R)
+
+
+@triton.jit
+def _load_channel_vec(PTR, cols, cmask, BLOCK_C: tl.constexpr):
+    """A (C,) float32 per-channel vector, loaded for this program's channel block."""
+    return _per_channel(tl.load(PTR + cols, mask=cmask, other=0.0), BLOCK_C)
+
+
+@triton.jit
 def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial (mean, M2) of program q's values per channel: MEAN/M2 (Q, C) float32."""
     q = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    cols_off = cols.to(tl.int64) * CS
-    p_start = (q // n_rchunks) * PG
-    p_end = tl.minimum(p_start + PG, P)
-    r_start = (q % n_rchunks) * CHUNK
-    r_end = tl.minimum(r_start + CHUNK, R)
+    cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
+    p_start, p_end, r_start, r_end = _program_range(q, P, R, PG, CHUNK, n_rchunks)
     n = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -142,16 +159,11 @@ def _bn_apply_kernel(X_ptr, Y_ptr, MEAN_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, 
                      RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = relu?((x - mean) * a + b), mean, a, b: (C,) float32; y has x's strides."""
     q = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    cols_off = cols.to(tl.int64) * CS
-    mean = _per_channel(tl.load(MEAN_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    a = _per_channel(tl.load(A_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    b = _per_channel(tl.load(B_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    p_start = (q // n_rchunks) * PG
-    p_end = tl.minimum(p_start + PG, P)
-    r_start = (q % n_rchunks) * CHUNK
-    r_end = tl.minimum(r_start + CHUNK, R)
+    cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
+    mean = _load_channel_vec(MEAN_ptr, cols, cmask, BLOCK_C)
+    a = _load_channel_vec(A_ptr, cols, cmask, BLOCK_C)
+    b = _load_channel_vec(B_ptr, cols, cmask, BLOCK_C)
+    p_start, p_end, r_start, r_end = _program_range(q, P, R, PG, CHUNK, n_rchunks)
     # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
     # the divisibility of CHUNK and PS, and vectorizes the loads.
     for j in range(0, p_end - p_start):
@@ -171,16 +183,11 @@ def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SD
                                RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial sum(g') and sum(g' * (x - mean)) per channel, g' = g * ((x - mean)*a + b > 0 if RELU): (Q, C) float32."""
     q = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    cols_off = cols.to(tl.int64) * CS
-    mean = _per_channel(tl.load(MEAN_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    a = _per_channel(tl.load(A_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    b = _per_channel(tl.load(B_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    p_start = (q // n_rchunks) * PG
-    p_end = tl.minimum(p_start + PG, P)
-    r_start = (q % n_rchunks) * CHUNK
-    r_end = tl.minimum(r_start + CHUNK, R)
+    cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
+    mean = _load_channel_vec(MEAN_ptr, cols, cmask, BLOCK_C)
+    a = _load_channel_vec(A_ptr, cols, cmask, BLOCK_C)
+    b = _load_channel_vec(B_ptr, cols, cmask, BLOCK_C)
+    p_start, p_end, r_start, r_end = _program_range(q, P, R, PG, CHUNK, n_rchunks)
     sdy = _tile_zeros(BLOCK_R, BLOCK_C)
     sdyx = _tile_zeros(BLOCK_R, BLOCK_C)
     # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
@@ -207,19 +214,14 @@ def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, MEAN_ptr, A_ptr, B_ptr, K1_p
                               RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = k1 * g' + k2 * (x - mean) + k3 (per-channel k: see bn_backward_elemt); dx has x's strides."""
     q = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    cols_off = cols.to(tl.int64) * CS
-    mean = _per_channel(tl.load(MEAN_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    a = _per_channel(tl.load(A_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    b = _per_channel(tl.load(B_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    k1 = _per_channel(tl.load(K1_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    k2 = _per_channel(tl.load(K2_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    k3 = _per_channel(tl.load(K3_ptr + cols, mask=cmask, other=0.0), BLOCK_C)
-    p_start = (q // n_rchunks) * PG
-    p_end = tl.minimum(p_start + PG, P)
-    r_start = (q % n_rchunks) * CHUNK
-    r_end = tl.minimum(r_start + CHUNK, R)
+    cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
+    mean = _load_channel_vec(MEAN_ptr, cols, cmask, BLOCK_C)
+    a = _load_channel_vec(A_ptr, cols, cmask, BLOCK_C)
+    b = _load_channel_vec(B_ptr, cols, cmask, BLOCK_C)
+    k1 = _load_channel_vec(K1_ptr, cols, cmask, BLOCK_C)
+    k2 = _load_channel_vec(K2_ptr, cols, cmask, BLOCK_C)
+    k3 = _load_channel_vec(K3_ptr, cols, cmask, BLOCK_C)
+    p_start, p_end, r_start, r_end = _program_range(q, P, R, PG, CHUNK, n_rchunks)
     # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
     # the divisibility of CHUNK and PS, and vectorizes the loads.
     for j in range(0, p_end - p_start):
