@@ -6,7 +6,7 @@ harness's own options, passed as one string, e.g.
     pytest benchmarks --benchmark-only --kernels-args="--preset small --layers conv2d --backends triton"
 
 Default: preset "small" (bf16/fp32 on CIFAR-scale VGG16 shapes) on a GPU, the "cpu" preset's
-float32 NCHW fwd+bwd cases on CPU. Each test checks correctness against torch first (a WRONG
+float32 NCHW fwd+bwd cases on CPU. Each test checks correctness against the float64 golden first (a WRONG
 result fails the test); a backend that cannot run the case skips with the reason.
 """
 from __future__ import annotations

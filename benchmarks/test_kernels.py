@@ -1,6 +1,6 @@
 """pytest-benchmark suite over the kernel cases (benchmarks/conftest.py chooses them).
 
-One test per (case, precision, layout, mode, backend): correctness against torch first, then the
+One test per (case, precision, layout, mode, backend): correctness against the float64 golden first, then the
 timing of one call (forward, or forward + autograd backward) on rotating input sets. On a GPU
 each timed call ends with a device synchronisation, so pytest-benchmark's host clock sees the
 whole kernel time (plus a launch and sync, a few microseconds: use benchmarks/kernels.py for
@@ -24,7 +24,7 @@ def test_kernel(benchmark, kernel_case):
             err = prep.check(name)
         except NotImplementedError as e:
             pytest.skip(f"n/a ({str(e).strip().splitlines()[0] if str(e).strip() else 'not implemented'})")
-        assert err <= TOLERANCES[prec], f"WRONG: max relative error {err:.3g} against torch > {TOLERANCES[prec]}"
+        assert err <= TOLERANCES[prec], f"WRONG: max relative error {err:.3g} against the golden > {TOLERANCES[prec]}"
         fn = prep.fn(name)
         if device.type == "cuda":
             def timed():

@@ -89,7 +89,7 @@ def test_wrong_result_is_flagged_and_not_ranked(tmp_path, monkeypatch):
 
 def test_stateful_layer_checked_from_fresh_state(tmp_path, monkeypatch):
     """Timing updates BatchNorm's running statistics in place; a backend computing exactly what torch computes
-    must still match torch exactly, output, gradients and updated statistics."""
+    must still get exactly torch's error against the golden, output, gradients and updated statistics."""
     run_once, timed_fn = kernels.run_once, kernels.timed_fn  # backend "same" runs torch's own call
     monkeypatch.setattr(kernels, "run_once", lambda case, t, backend, mode: run_once(case, t, None, mode))
     monkeypatch.setattr(kernels, "timed_fn", lambda case, sets, backend, mode: timed_fn(case, sets, None, mode))
@@ -97,8 +97,12 @@ def test_stateful_layer_checked_from_fresh_state(tmp_path, monkeypatch):
     rc = kernels.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--no-plots", "--layers",
                        "batch_norm,batch_norm_relu", "--limit-shapes", "1", "--layouts", "nchw"])
     assert rc == 0
-    rows = [r for r in _load(tmp_path / "kernels-tiny.json")["rows"] if r["backend"] == "same"]
-    assert len(rows) == 4 and all(r["status"] == "ok" and r["max_rel_err"] == 0.0 for r in rows), rows
+    rows = _load(tmp_path / "kernels-tiny.json")["rows"]
+    same = [r for r in rows if r["backend"] == "same"]
+    torch_err = {(r["layer"], r["mode"]): r["max_rel_err"] for r in rows if r["backend"] == "torch"}
+    assert len(same) == 4 and all(r["status"] == "ok" for r in same), same
+    assert all(r["max_rel_err"] == torch_err[r["layer"], r["mode"]] for r in same), (same, torch_err)
+    assert all(0 < e < 1e-5 for e in torch_err.values()), torch_err  # float32 against the float64 golden
 
 
 
