@@ -32,6 +32,7 @@ AVG_CASES = [
     (dict(kernel_size=(3, 2), stride=(1, 3), padding=(1, 1), ceil_mode=True, count_include_pad=False), (6, 7)),
     (dict(kernel_size=(2, 4), stride=(3, 2), padding=(1, 2)), (7, 8)),
     (dict(kernel_size=3, stride=1, padding=1, divisor_override=5), (5, 6)),
+    (dict(kernel_size=(2, 3), divisor_override=5), (7, 8)),              # tiled windows, remainder, override
 ]
 # adaptive output sizes for a (5, 7) input: global, not dividing, larger than the input, None entries
 ADAPTIVE_SIZES = [1, (3, 4), (7, 3), (None, 2), (2, 7)]
@@ -116,7 +117,9 @@ def test_low_precision(backend, channels_last):
     for dtype in _dtypes_for(backend):
         x = randn(2, 4, 7, 6, dtype=dtype, channels_last=channels_last)
         _compare(_max_layer(MAX_CASES[2][0]), x, backend, dtype)
+        _compare(_max_layer(MAX_CASES[1][0]), x, backend, dtype)  # tiled 2x2 windows, odd remainder row
         _compare(_avg_layer(AVG_CASES[1][0]), x, backend, dtype)
+        _compare(_avg_layer(AVG_CASES[-1][0]), x, backend, dtype)
         _compare(lambda ns, extra: ns.AdaptiveAvgPool2d((3, 4), **extra), x, backend, dtype)
         _compare(lambda ns, extra: ns.AdaptiveMaxPool2d(1, return_indices=True, **extra), x, backend, dtype)
 

@@ -5,7 +5,11 @@
 // Forward:  NCHW: one task per (n, c) plane, windows walked per output.
 //           NHWC: one task per output position, the innermost loop over the C contiguous
 //           channels (vectorizable), so every input byte is read once from memory.
-// Backward: scatter, one task per (n, c) plane — or, NHWC, per image — (its writes are its own: no races):
+// Backward, tiled windows (kernel == stride, no padding or dilation, every window inside the input: VGG's
+//           2x2/s2): each input position belongs to at most one window, so grad_in is written once, in one
+//           pass — max: the gradient at the argmax (recomputed from x), 0 at the window's other taps; average:
+//           grad/divisor everywhere in the window; 0 where no window reaches (the odd last row/column).
+// Backward, other windows: scatter, one task per (n, c) plane — or, NHWC, per image — (its writes are its own):
 //           grad_in is zeroed, then each output adds its gradient to its window —
 //           max: to the argmax, recomputed from x (regular windows) or read from the saved
 //           indices (adaptive); average: grad/divisor to every tap inside the input.
@@ -19,6 +23,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -207,6 +213,207 @@ void backward_nhwc(const at::Tensor& g, const at::Tensor& x, const at::Tensor& i
   });
 }
 
+// ------------------------------------------------------------------ tiled backward (one pass)
+// Windows tile the input: window (oh, ow) covers [oh*kh, oh*kh + kh) x [ow*kw, ow*kw + kw), all inside.
+inline bool tiled(const Args& a) {
+  auto tiles = [](const Dim& d) {
+    return d.B == 1 && d.pad == 0 && d.dil == 1 && d.A == d.taps && d.out * d.taps <= d.in;
+  };
+  return tiles(a.h) && tiles(a.w);
+}
+
+// Zero grad_in outside the windows: columns [OW*kw, W) of the covered rows, then rows [OH*kh, H).
+// P: &grad_in[n, c, 0, 0] (NCHW: per plane, vec = 1) or &grad_in[n, 0, 0, 0] (NHWC: vec = C channels).
+template <typename scalar_t>
+inline void zero_uncovered(scalar_t* P, int64_t sH, int64_t sW, const Args& a, int64_t vec) {
+  const int64_t H = a.h.in, W = a.w.in, h_cov = a.h.out * a.h.taps, w_cov = a.w.out * a.w.taps;
+  for (int64_t ih = 0; ih < H; ++ih)
+    for (int64_t iw = ih < h_cov ? w_cov : 0; iw < W; ++iw) std::fill(P + ih * sH + iw * sW, P + ih * sH + iw * sW + vec, scalar_t(0));
+}
+
+// v if keep, else +0, without a branch (whether a tap is the argmax is a coin flip on random data, and a
+// mispredicted branch per element made the backward 5x slower); bitwise, so a NaN or inf gradient stays
+// exactly where it belongs.
+template <typename scalar_t>
+inline scalar_t keep_or_zero(bool keep, scalar_t v) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
+  bits_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u &= static_cast<bits_t>(bits_t(0) - static_cast<bits_t>(keep));
+  std::memcpy(&v, &u, sizeof(u));
+  return v;
+}
+
+// Offsets of a window's kh*kw taps from its first tap, in a tensor with strides st (tap t = j*kw + k).
+inline std::vector<int64_t> tap_offsets(const Args& a, at::IntArrayRef st) {
+  std::vector<int64_t> off;
+  for (int64_t j = 0; j < a.h.taps; ++j)
+    for (int64_t k = 0; k < a.w.taps; ++k) off.push_back(j * st[2] + k * st[3]);
+  return off;
+}
+
+// One row oh of tiled max windows of a plane: m[ow] = the window max, best[ow] = its tap t = j*kw + k
+// (PyTorch's rule: the first maximum, but any NaN wins, the last one). Branch-free updates: on random
+// data the comparison is a coin flip, and a branch on it mispredicts half the time (~4x slower).
+// xp = &x[n, c, 0, 0]; xs: x's strides; xoff: tap_offsets(a, xs).
+template <typename scalar_t, typename acc_t>
+inline void row_argmax(const scalar_t* xp, at::IntArrayRef xs, const std::vector<int64_t>& xoff, const Args& a,
+                       int64_t oh, acc_t* m, int32_t* best) {
+  const int64_t OW = a.w.out, kw = a.w.taps, T = static_cast<int64_t>(xoff.size());
+  const scalar_t* xr = xp + oh * a.h.taps * xs[2];
+  const int64_t step = kw * xs[3];
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    m[ow] = static_cast<acc_t>(xr[ow * step]);
+    best[ow] = 0;
+  }
+  for (int32_t t = 1; t < T; ++t) {
+    const scalar_t* xt = xr + xoff[t];
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const acc_t v = static_cast<acc_t>(xt[ow * step]);
+      const bool take = (v > m[ow]) | (v != v);
+      m[ow] = take ? v : m[ow];
+      best[ow] = take ? t : best[ow];
+    }
+  }
+}
+
+// Tiled max/avg forward for planes that are not NHWC: one task per (n, c) plane, a row of windows at a time.
+template <typename scalar_t>
+void forward_tiled_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), OH = a.h.out, OW = a.w.out, kh = a.h.taps, kw = a.w.taps, W = a.w.in;
+  const scalar_t* X = x.const_data_ptr<scalar_t>();
+  scalar_t* Y = out.mutable_data_ptr<scalar_t>();
+  int64_t* I = idx ? idx->mutable_data_ptr<int64_t>() : nullptr;
+  const auto xs = x.strides(), ys = out.strides();
+  const std::vector<int64_t> xoff = tap_offsets(a, xs);
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(a.divisor != 0 ? a.divisor : kh * kw);
+  at::parallel_for(0, x.size(0) * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(OW);
+    std::vector<int32_t> best(OW);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / C, c = p % C;
+      const scalar_t* xp = X + n * xs[0] + c * xs[1];
+      scalar_t* yp = Y + n * ys[0] + c * ys[1];
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        scalar_t* yr = yp + oh * ys[2];
+        if (a.kind == Kind::Max) {
+          row_argmax(xp, xs, xoff, a, oh, m.data(), best.data());
+          for (int64_t ow = 0; ow < OW; ++ow) yr[ow * ys[3]] = static_cast<scalar_t>(m[ow]);
+          if (I) {  // flat index h*W + w of the argmax
+            int64_t* ir = I + n * idx->stride(0) + c * idx->stride(1) + oh * idx->stride(2);
+            for (int64_t ow = 0; ow < OW; ++ow)
+              ir[ow * idx->stride(3)] = (oh * kh + best[ow] / kw) * W + ow * kw + best[ow] % kw;
+          }
+        } else {
+          const scalar_t* xr = xp + oh * kh * xs[2];
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            acc_t sum = 0;
+            for (int64_t t = 0; t < kh * kw; ++t) sum += static_cast<acc_t>(xr[ow * kw * xs[3] + xoff[t]]);
+            yr[ow * ys[3]] = static_cast<scalar_t>(sum * inv);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Tiled backward for planes that are not NHWC: one task per (n, c) plane, a row of windows at a time.
+template <typename scalar_t>
+void backward_tiled_nchw(const at::Tensor& g, const at::Tensor& x, const Args& a, at::Tensor& grad_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.size(1), kh = a.h.taps, kw = a.w.taps, OH = a.h.out, OW = a.w.out, T = kh * kw;
+  const bool is_max = a.kind == Kind::Max;
+  const scalar_t* G = g.const_data_ptr<scalar_t>();
+  const scalar_t* X = is_max ? x.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* D = grad_in.mutable_data_ptr<scalar_t>();
+  const auto gs = g.strides(), ds = grad_in.strides();
+  const auto xs = is_max ? x.strides() : grad_in.strides();
+  const std::vector<int64_t> xoff = tap_offsets(a, xs), doff = tap_offsets(a, ds);
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(a.divisor != 0 ? a.divisor : T);
+  at::parallel_for(0, g.size(0) * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(OW), gv(OW);  // per window of the row: max, grad_out (average: / divisor)
+    std::vector<int32_t> best(OW);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / C, c = p % C;
+      const scalar_t* gp = G + n * gs[0] + c * gs[1];
+      scalar_t* dp = D + n * ds[0] + c * ds[1];
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        if (is_max) row_argmax(X + n * xs[0] + c * xs[1], xs, xoff, a, oh, m.data(), best.data());
+        for (int64_t ow = 0; ow < OW; ++ow) gv[ow] = static_cast<acc_t>(gp[oh * gs[2] + ow * gs[3]]) * (is_max ? 1 : inv);
+        for (int64_t j = 0; j < kh; ++j) {  // input row oh*kh + j, written left to right
+          scalar_t* dr = dp + (oh * kh + j) * ds[2];
+          for (int64_t ow = 0; ow < OW; ++ow)
+            for (int64_t k = 0; k < kw; ++k) {
+              const int32_t t = static_cast<int32_t>(j * kw + k);
+              dr[(ow * kw + k) * ds[3]] = keep_or_zero(!is_max || best[ow] == t, static_cast<scalar_t>(gv[ow]));
+            }
+        }
+      }
+      zero_uncovered(dp, ds[2], ds[3], a, 1);
+    }
+  });
+}
+
+// NHWC (channels innermost in x, grad_out and grad_in): one task per (n, oh) row of windows; the
+// innermost loops run over the C contiguous channels.
+template <typename scalar_t>
+void backward_tiled_nhwc(const at::Tensor& g, const at::Tensor& x, const Args& a, at::Tensor& grad_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = g.size(0), C = g.size(1), kh = a.h.taps, kw = a.w.taps, OH = a.h.out, OW = a.w.out;
+  const int32_t T = static_cast<int32_t>(kh * kw);
+  const bool is_max = a.kind == Kind::Max;
+  const scalar_t* G = g.const_data_ptr<scalar_t>();
+  const scalar_t* X = is_max ? x.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* D = grad_in.mutable_data_ptr<scalar_t>();
+  const auto gs = g.strides(), ds = grad_in.strides();
+  const auto xs = is_max ? x.strides() : grad_in.strides();
+  const std::vector<int64_t> xoff = tap_offsets(a, xs), doff = tap_offsets(a, ds);
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(a.divisor != 0 ? a.divisor : T);
+  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mbuf(C);
+    std::vector<int32_t> bbuf(C);
+    acc_t* m = mbuf.data();
+    int32_t* best = bbuf.data();
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / OH, oh = q % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const scalar_t* __restrict__ gr = G + n * gs[0] + oh * gs[2] + ow * gs[3];
+        scalar_t* dw = D + n * ds[0] + oh * kh * ds[2] + ow * kw * ds[3];
+        if (is_max) {
+          const scalar_t* xw = X + n * xs[0] + oh * kh * xs[2] + ow * kw * xs[3];
+          for (int64_t c = 0; c < C; ++c) { m[c] = static_cast<acc_t>(xw[c]); best[c] = 0; }
+          for (int32_t t = 1; t < T; ++t) {
+            const scalar_t* __restrict__ xt = xw + xoff[t];
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t v = static_cast<acc_t>(xt[c]);
+              const bool take = v > m[c] || v != v;
+              m[c] = take ? v : m[c];
+              best[c] = take ? t : best[c];
+            }
+          }
+          for (int32_t t = 0; t < T; ++t) {
+            scalar_t* __restrict__ dr = dw + doff[t];
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) dr[c] = keep_or_zero(best[c] == t, gr[c]);
+          }
+        } else {
+          for (int32_t t = 0; t < T; ++t) {
+            scalar_t* __restrict__ dr = dw + doff[t];
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * inv);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) zero_uncovered(D + n * ds[0], ds[2], ds[3], a, C);
+  });
+}
+
 struct CpuImpl {
   static constexpr c10::DeviceType device = c10::DeviceType::CPU;
 
@@ -221,6 +428,7 @@ struct CpuImpl {
     const bool nhwc = x.size(1) > 1 && x.stride(1) == 1 && out.stride(1) == 1;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pool2d_forward_cpu", [&] {
       if (nhwc) forward_nhwc<scalar_t>(x, a, out, idx);
+      else if (tiled(a)) forward_tiled_nchw<scalar_t>(x, a, out, idx);
       else forward_nchw<scalar_t>(x, a, out, idx);
     });
   }
@@ -229,6 +437,14 @@ struct CpuImpl {
                        at::Tensor& grad_in) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "pool2d_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if (tiled(a) && (a.kind == Kind::Avg || x.defined())) {  // one pass, no accumulation buffer (adaptive max
+                                                                // reads saved indices: the general path)
+        const bool nhwc = g.size(1) > 1 && g.stride(1) == 1 && grad_in.stride(1) == 1 &&
+                          (!x.defined() || x.stride(1) == 1);
+        if (nhwc) backward_tiled_nhwc<scalar_t>(g, x, a, grad_in);
+        else backward_tiled_nchw<scalar_t>(g, x, a, grad_in);
+        return;
+      }
       // Overlapping windows add up: accumulate in acc_t (a float copy for bfloat16).
       at::Tensor acc = std::is_same<acc_t, scalar_t>::value ? grad_in : at::empty_like(grad_in, grad_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       acc.zero_();
