@@ -44,3 +44,19 @@ def randn(*shape, dtype=torch.float32, channels_last=False, requires_grad=False)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
+
+
+def check(actual, ref64, lowp=None, dtype=None, *, scale=1.0, msg=""):
+    """|actual - ref64| <= 2 * (torch's own low-precision error `lowp - ref64`) + atol, max over elements, for
+    float16/bfloat16; float32: <= (rtol + atol) * scale * max(1, max |ref64|). NaN never passes."""
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    a, r = actual.detach().double(), ref64.detach().double()
+    assert a.shape == r.shape, f"{msg}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+    assert torch.equal(torch.isnan(a), torch.isnan(r)), f"{msg}: NaN where the reference has none (or vice versa)"
+    a, r = a.nan_to_num(0.0), r.nan_to_num(0.0)
+    err = (a - r).abs().max().item() if a.numel() else 0.0
+    bound = (atol + rtol) * scale * max(1.0, r.abs().max().item() if r.numel() else 0.0)
+    if lowp is not None and dtype != torch.float32:
+        bound += 2 * (lowp.detach().double().nan_to_num(0.0) - r).abs().max().item()
+    assert err <= bound, f"{msg}: max error {err:.3g} > bound {bound:.3g}"

@@ -32,7 +32,9 @@ def _small_net():
 
 
 def _no_torch_layers_left(model):
-    left = [name for name, m in model.named_modules() if type(m) in TORCH_LAYERS]
+    inside_fused = {name for name, m in model.named_modules() if type(m) is fnn.ConvBNReLU2d}  # holds conv, bn
+    left = [name for name, m in model.named_modules()
+            if type(m) in TORCH_LAYERS and name.rpartition(".")[0] not in inside_fused]
     assert not left, f"still torch.nn layers: {left}"
 
 
@@ -140,6 +142,57 @@ def test_sync_bn():
     assert type(new[3]) is nn.SyncBatchNorm  # fusedcnn has no unfused synchronized BatchNorm
     again = convert(new, backend="reference")  # sync survives a backend switch
     assert again[1].sync and again[1].backend == "reference"
+
+
+def _conv_net():
+    """conv-BN-ReLU, conv-BN-ReLU, 2x2 pool, Linear-ReLU-Dropout(0), Linear: every run the triton backend fuses."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2, 2),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 5), nn.ReLU(), nn.Dropout(0.0), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_triton_fuses_conv_bn_relu_and_linear(backend, train):
+    """convert(backend="triton"): ConvBNReLU2d / LinearReLUDropout in the slot layout, the parent Sequential a
+    FusedSequential (in place); same tensors, keys and mode; output, gradients and running stats as torch's."""
+    torch.manual_seed(0)
+    model = _conv_net()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        model.train()(torch.randn(4, 3, 4, 4))  # running statistics off their initial values
+    keys, weight = list(model.state_dict()), model[0].weight
+    new = _compare(model, torch.randn(2, 3, 4, 4), backend, train)
+    ident = nn.Identity
+    assert type(new) is fnn.FusedSequential and [type(m) for m in new] == [
+        fnn.ConvBNReLU2d, ident, ident, fnn.ConvBNReLU2d, ident, ident, fnn.MaxPool2d, nn.Flatten,
+        fnn.LinearReLUDropout, ident, ident, nn.Linear]
+    assert list(new.state_dict()) == keys and new[8].p == 0.0
+    assert [type(new[0].conv), type(new[0].bn)] == [nn.Conv2d, nn.BatchNorm2d]
+    same = convert(model, backend="triton")  # in place: the very same Parameters
+    assert same is model and same[0].conv.weight is weight
+
+
+def test_triton_fusion_round_trip_and_sync_bn():
+    """Another backend splits the fused layers back (same slots and keys); sync_bn=True never conv-fuses."""
+    model = _conv_net()
+    keys = list(model.state_dict())
+    convert(model, backend="triton")
+    back = convert(model, backend="torch")
+    assert type(back) is nn.Sequential and [type(m) for m in back][:6] == [
+        fnn.Conv2d, fnn.BatchNormReLU2d, nn.Identity, fnn.Conv2d, fnn.BatchNormReLU2d, nn.Identity]
+    assert [type(m) for m in back][8:11] == [nn.Linear, fnn.ReLU, nn.Identity]  # p=0: no Dropout needed
+    assert list(back.state_dict()) == keys
+    synced = convert(convert(_conv_net(), backend="triton"), backend="triton", sync_bn=True)
+    assert type(synced) is nn.Sequential and type(synced[0]) is fnn.Conv2d
+    assert type(synced[1]) is fnn.BatchNormReLU2d and synced[1].sync and synced[1].backend == "triton"
+    assert type(synced[8]) is fnn.LinearReLUDropout  # no BatchNorm: stays fused
+    plain = convert(_conv_net(), backend="triton", sync_bn=True)
+    assert [type(m) for m in plain][:3] == [fnn.Conv2d, fnn.BatchNormReLU2d, nn.Identity] and plain[1].sync
+    with pytest.raises(ValueError, match="outside the fused slot layout"):
+        convert(fnn.ConvBNReLU2d(2, 2, 3), backend="torch")
 
 
 def test_bad_arguments():

@@ -13,19 +13,30 @@ decides how to materialize it:
     input prologue (the activation is never stored, in forward or backward);
   * a 2x2/stride-2 MaxPool2d: PendingBN.maxpool() reads y once and writes the pooled activation;
   * anything else: PendingBN.materialize() (one elementwise pass).
-`FusedSequential` (a torch.nn.Sequential) threads PendingBN records through its children that way,
-and `fuse_chain(seq)` builds one from a Sequential of Conv2d/BatchNorm2d/ReLU/MaxPool2d/Linear/Dropout.
+`FusedSequential` (a torch.nn.Sequential) threads PendingBN records through its children that way.
 Plain `forward()` of each module stays drop-in: it always returns the normalized activation.
+
+Slot layout. A fused module takes the slot of the first layer it replaces and nn.Identity fills the slots
+of the others: Sequential(Conv2d, BatchNorm2d, ReLU, ...) -> FusedSequential(ConvBNReLU2d, Identity,
+Identity, ...); Conv2d, BatchNormReLU2d -> ConvBNReLU2d, Identity; Linear, ReLU[, Dropout] ->
+LinearReLUDropout, Identity[, Identity]. So slot indices match the unfused model, and FusedSequential
+renames the state_dict keys of each ConvBNReLU2d at slot i followed by an Identity at slot j to their
+home keys: i.conv.* <-> i.*, i.bn.* <-> j.* (saving gives the unfused model's keys, loading takes either
+form); parameters come in the same order in both layouts, so optimizer state dicts carry over too.
+`fused_slots()` finds the fusable runs (for fuse_chain() and fusedcnn.convert()); vgg16(backend="triton")
+builds the same layout directly.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from fusedcnn import backends
+from fusedcnn.nn.batchnorm import BatchNormReLU2d
 from fusedcnn.ops.fused import bn_relu_apply, bn_relu_maxpool2d, conv_bn_relu_raw, linear_relu_dropout
 
 
@@ -206,9 +217,29 @@ def _is_pool2x2(m: torch.nn.Module) -> bool:
             and not m.ceil_mode and not m.return_indices)
 
 
+def _home_key(rel: str, homes: dict[str, str]) -> str:
+    """A key relative to a FusedSequential, fused -> home: "0.conv.weight" -> "0.weight", "0.bn.bias" -> "1.bias"."""
+    slot, _, rest = rel.partition(".")
+    sub, _, leaf = rest.partition(".")
+    if slot in homes and sub in ("conv", "bn"):
+        return f"{slot if sub == 'conv' else homes[slot]}.{leaf}"
+    return rel
+
+
+def _fused_key(rel: str, homes: dict[str, str], conv_of: dict[str, str]) -> str:
+    """The inverse of _home_key (conv_of: {Identity slot j: ConvBNReLU2d slot i}); fused keys pass unchanged."""
+    slot, _, rest = rel.partition(".")
+    if slot in homes and not rest.startswith(("conv.", "bn.")):
+        return f"{slot}.conv.{rest}"
+    if slot in conv_of:
+        return f"{conv_of[slot]}.bn.{rest}"
+    return rel
+
+
 class FusedSequential(torch.nn.Sequential):
     """A Sequential that passes PendingBN records from a ConvBNReLU2d to the next layer that can fuse them
-    (ConvBNReLU2d: input prologue; 2x2/s2 MaxPool2d: fused BN-ReLU-pool) and materializes them otherwise."""
+    (ConvBNReLU2d: input prologue; 2x2/s2 MaxPool2d: fused BN-ReLU-pool; nn.Identity: passed on unchanged)
+    and materializes them otherwise. state_dict keys are those of the unfused layout (module docstring)."""
 
     def forward(self, input):
         cur = input
@@ -217,32 +248,117 @@ class FusedSequential(torch.nn.Sequential):
                 cur = m.forward_pending(cur)
             elif isinstance(cur, PendingBN) and _is_pool2x2(m):
                 cur = cur.maxpool()
+            elif isinstance(cur, PendingBN) and type(m) is torch.nn.Identity:
+                pass  # the slot of a layer fused into the ConvBNReLU2d before it
             else:
                 if isinstance(cur, PendingBN):
                     cur = cur.materialize()
                 cur = m(cur)
         return cur.materialize() if isinstance(cur, PendingBN) else cur
 
+    # ---- state_dict keys: fused <i>.conv.* / <i>.bn.* <-> home <i>.* / <j>.* (module docstring)
+    def _bn_homes(self) -> dict[str, str]:
+        """{slot i of a ConvBNReLU2d: slot j of the nn.Identity right after it, where its BatchNorm lives}."""
+        names = [n for n, m in self._modules.items() if m is not None]
+        return {i: j for i, j in zip(names, names[1:])
+                if isinstance(self._modules[i], ConvBNReLU2d) and type(self._modules[j]) is torch.nn.Identity}
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if len(args) > 1:  # torch.nn.Module's deprecated positional form (destination, prefix, keep_vars)
+            prefix = args[1]
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        homes = self._bn_homes()
+        if homes:
+            # this module's entries are the last ones written: pop and re-add them renamed, order kept
+            mine = [k for k in out if k.startswith(prefix)]
+            renamed = [(prefix + _home_key(k[len(prefix):], homes), out.pop(k)) for k in mine]
+            out.update(renamed)
+            meta = getattr(out, "_metadata", None)
+            if meta is not None:  # per-module versions (BatchNorm's), filed under the home slots too
+                for i, j in homes.items():
+                    for sub, home in (("conv", i), ("bn", j)):
+                        if f"{prefix}{i}.{sub}" in meta:
+                            meta[prefix + home] = meta.pop(f"{prefix}{i}.{sub}")
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Runs before the children are loaded (they read their keys from this same dict): home keys ->
+        # fused keys, in place; fused keys pass unchanged.
+        homes = self._bn_homes()
+        conv_of = {j: i for i, j in homes.items()}
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            new = prefix + _fused_key(k[len(prefix):], homes, conv_of)
+            if new != k:
+                state_dict[new] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _fusable_conv(conv: torch.nn.Module, bn: torch.nn.Module) -> bool:
+    if not (isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)):
+        return False
+    if conv.groups != 1 or conv.padding_mode != "zeros" or bn.num_features != conv.out_channels:
+        return False
+    if getattr(bn, "sync", False):  # the fused kernels reduce statistics on this process only
+        return False
+    try:
+        _conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+    except NotImplementedError:  # padding="same" that needs asymmetric padding
+        return False
+    return True
+
+
+def _fusable_run(mods: Sequence[Optional[torch.nn.Module]], i: int, ok: Callable[[torch.nn.Module], bool]) -> int:
+    """How many of mods[i:] one fused module replaces (0: none), each layer passing ok():
+    Conv2d, BatchNormReLU2d (2) or Conv2d, BatchNorm2d, ReLU (3) -> ConvBNReLU2d;
+    Linear, ReLU (2) or Linear, ReLU, Dropout (3) -> LinearReLUDropout."""
+    a, b, c = (list(mods[i:i + 3]) + [None, None])[:3]
+    if a is None or b is None or not (ok(a) and ok(b)):
+        return 0
+    third = c is not None and ok(c)
+    if _fusable_conv(a, b):
+        if isinstance(b, BatchNormReLU2d):
+            return 2
+        return 3 if third and isinstance(c, torch.nn.ReLU) else 0
+    if isinstance(a, torch.nn.Linear) and not isinstance(a, LinearReLUDropout) and isinstance(b, torch.nn.ReLU):
+        return 3 if third and isinstance(c, torch.nn.Dropout) else 2
+    return 0
+
+
+def fused_slots(mods: Sequence[Optional[torch.nn.Module]], ok: Callable[[torch.nn.Module], bool] = lambda m: True,
+                hold: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> tuple[list, dict[str, int]]:
+    """The fused slot layout (module docstring) of a Sequential's children `mods`: a list of the same length
+    and the counts {"conv": ConvBNReLU2d made, "linear": LinearReLUDropout made}.
+
+    ok(m): may layer m be fused (convert() refuses subclasses and modules used twice); hold(m): the module a
+    ConvBNReLU2d holds for the conv / BatchNorm m (convert() passes plain torch.nn copies sharing m's tensors).
+    Parameters and buffers are shared with `mods`, never copied; training mode is kept.
+    """
+    out, counts, i = list(mods), {"conv": 0, "linear": 0}, 0
+    while i < len(mods):
+        n = _fusable_run(mods, i, ok)
+        if n == 0:
+            i += 1
+            continue
+        a, b = mods[i], mods[i + 1]
+        if isinstance(a, torch.nn.Conv2d):
+            out[i] = ConvBNReLU2d.from_modules(hold(a), hold(b))
+            counts["conv"] += 1
+        else:
+            out[i] = LinearReLUDropout.from_modules(a, mods[i + 2] if n == 3 else None)
+            counts["linear"] += 1
+        for k in range(i + 1, i + n):
+            out[k] = torch.nn.Identity().train(mods[k].training)
+        i += n
+    return out, counts
+
 
 def fuse_chain(seq: torch.nn.Sequential) -> FusedSequential:
-    """FusedSequential from seq: Conv2d, BatchNorm2d, ReLU -> ConvBNReLU2d; Linear, ReLU[, Dropout] ->
-    LinearReLUDropout; everything else kept. Parameters and buffers are shared with seq (not copied);
-    the state_dict keys become <i>.conv.* / <i>.bn.* for the fused triples."""
-    mods = list(seq)
-    out, i = [], 0
-    while i < len(mods):
-        a, b, c = (mods[i:i + 3] + [None, None, None])[:3]
-        if (isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d) and isinstance(c, torch.nn.ReLU)
-                and a.groups == 1 and a.padding_mode == "zeros"):
-            out.append(ConvBNReLU2d.from_modules(a, b))
-            i += 3
-        elif isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.ReLU):
-            drop = c if isinstance(c, torch.nn.Dropout) else None
-            out.append(LinearReLUDropout.from_modules(a, drop))
-            i += 3 if drop is not None else 2
-        else:
-            out.append(a)
-            i += 1
-    fused = FusedSequential(*out)
-    fused.train(seq.training)
-    return fused
+    """FusedSequential from seq in the fused slot layout (module docstring): Conv2d, BatchNorm2d, ReLU ->
+    ConvBNReLU2d, Identity, Identity; Linear, ReLU[, Dropout] -> LinearReLUDropout, Identity[, Identity];
+    everything else kept. Parameters and buffers are shared with seq (not copied); state_dict keys unchanged."""
+    fused, _ = fused_slots(list(seq._modules.values()))
+    out = FusedSequential(OrderedDict(zip(seq._modules, fused)))
+    out.train(seq.training)
+    return out
