@@ -82,6 +82,119 @@ inline int64_t nhwc_chunks(const Geometry& g) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (g.rows() + rows_per_block - 1) / rows_per_block));
 }
 
+// ------------------------------------------------------------------ loop kernels
+// The innermost loops, as free functions so FUSEDCNN_CPU_CLONES (common.h) compiles each for AVX-512,
+// AVX2 and baseline x86-64. ROW = NHWC: per-element coefficient arrays (A[i], B[i], MU[i], i = channel);
+// else NCHW: one channel's run, coefficients A[0], B[0], MU[0].
+
+// One NCHW block of len <= kBlock values: its mean and sum of squared deviations (exact two-pass, the
+// block sits in L1 for the second pass). buf: kBlock opmath values for the bfloat16/half widening.
+template <typename scalar_t, typename opmath_t>
+FUSEDCNN_CPU_CLONES void stats_block(const scalar_t* x, int64_t len, opmath_t* buf, opmath_t* mean, opmath_t* sq) {
+  const opmath_t* blk = widen(x, buf, len);
+  opmath_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) sum += blk[i];
+  const opmath_t bm = sum / static_cast<opmath_t>(len);
+  opmath_t s2 = 0;
+#pragma omp simd reduction(+ : s2)
+  for (int64_t i = 0; i < len; ++i) {
+    const opmath_t d = blk[i] - bm;
+    s2 += d * d;
+  }
+  *mean = bm;
+  *sq = s2;
+}
+
+// nb NHWC rows of C channels: bm[c] = their mean, bs[c] = their sum of squared deviations.
+template <typename scalar_t, typename opmath_t>
+FUSEDCNN_CPU_CLONES void stats_rows(const scalar_t* x, int64_t nb, int64_t C, opmath_t* bm, opmath_t* bs) {
+  std::fill(bm, bm + C, opmath_t(0));
+  std::fill(bs, bs + C, opmath_t(0));
+  for (int64_t r = 0; r < nb; ++r) {
+    const scalar_t* row = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) bm[c] += static_cast<opmath_t>(row[c]);
+  }
+  const opmath_t inv_nb = opmath_t(1) / static_cast<opmath_t>(nb);
+  for (int64_t c = 0; c < C; ++c) bm[c] *= inv_nb;
+  for (int64_t r = 0; r < nb; ++r) {
+    const scalar_t* row = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const opmath_t d = static_cast<opmath_t>(row[c]) - bm[c];
+      bs[c] += d * d;
+    }
+  }
+}
+
+// y = relu?((x - mu) * a + b) over len elements.
+template <typename scalar_t, typename opmath_t, bool RELU, bool ROW>
+FUSEDCNN_CPU_CLONES void apply_elems(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* A,
+                                     const opmath_t* B, const opmath_t* MU) {
+  const opmath_t a0 = A[0], b0 = B[0], mu0 = MU[0];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    opmath_t v = (static_cast<opmath_t>(x[i]) - (ROW ? MU[i] : mu0)) * (ROW ? A[i] : a0) + (ROW ? B[i] : b0);
+    if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;  // NaN <= 0 is false: NaN propagates
+    y[i] = narrow<scalar_t>(v);
+  }
+}
+
+// One NCHW block (len <= kBlock) of the backward reduction: s1 = sum(g'), s2 = sum(g' * (x - mu)),
+// g' = g * (relu mask recomputed from x). gbuf, xbuf: kBlock opmath values for the widening.
+template <typename scalar_t, typename opmath_t, bool RELU>
+FUSEDCNN_CPU_CLONES void reduce_block(const scalar_t* g, const scalar_t* x, int64_t len, opmath_t a, opmath_t b,
+                                      opmath_t mu, opmath_t* gbuf, opmath_t* xbuf, opmath_t* s1_out,
+                                      opmath_t* s2_out) {
+  const opmath_t* gi = widen(g, gbuf, len);
+  const opmath_t* xi = widen(x, xbuf, len);
+  opmath_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < len; ++i) {
+    const opmath_t xm = xi[i] - mu;
+    opmath_t gv = gi[i];
+    if (RELU) gv = (xm * a + b > opmath_t(0)) ? gv : opmath_t(0);
+    s1 += gv;
+    s2 += gv * xm;
+  }
+  *s1_out = s1;
+  *s2_out = s2;
+}
+
+// nb NHWC rows of the backward reduction, accumulated into s1[c], s2[c].
+template <typename scalar_t, typename opmath_t, bool RELU>
+FUSEDCNN_CPU_CLONES void reduce_rows(const scalar_t* g, const scalar_t* x, int64_t nb, int64_t C, const opmath_t* A,
+                                     const opmath_t* B, const opmath_t* MU, opmath_t* s1, opmath_t* s2) {
+  for (int64_t r = 0; r < nb; ++r) {
+    const scalar_t* gi = g + r * C;
+    const scalar_t* xi = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const opmath_t xm = static_cast<opmath_t>(xi[c]) - MU[c];
+      opmath_t gv = static_cast<opmath_t>(gi[c]);
+      if (RELU) gv = (xm * A[c] + B[c] > opmath_t(0)) ? gv : opmath_t(0);
+      s1[c] += gv;
+      s2[c] += gv * xm;
+    }
+  }
+}
+
+// dx = k1 * g' + k2 * (x - mu) + k3 over len elements (coefficients: backward_elemt_impl).
+template <typename scalar_t, typename opmath_t, bool RELU, bool ROW>
+FUSEDCNN_CPU_CLONES void elemt_elems(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t len,
+                                     const opmath_t* A, const opmath_t* B, const opmath_t* MU, const opmath_t* K1,
+                                     const opmath_t* K2, const opmath_t* K3) {
+  const opmath_t a0 = A[0], b0 = B[0], mu0 = MU[0], k10 = K1[0], k20 = K2[0], k30 = K3[0];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const opmath_t xm = static_cast<opmath_t>(x[i]) - (ROW ? MU[i] : mu0);
+    opmath_t gv = static_cast<opmath_t>(g[i]);
+    if (RELU) gv = (xm * (ROW ? A[i] : a0) + (ROW ? B[i] : b0) > opmath_t(0)) ? gv : opmath_t(0);
+    dx[i] = narrow<scalar_t>((ROW ? K1[i] : k10) * gv + (ROW ? K2[i] : k20) * xm + (ROW ? K3[i] : k30));
+  }
+}
+
 // ------------------------------------------------------------------ statistics
 // Partials: K per channel (NCHW: one per plane (n, c), count HW; NHWC: one per row chunk), then a
 // Chan merge per channel. Each block: exact two-pass mean / squared deviations while it sits in L1.
@@ -102,17 +215,8 @@ std::tuple<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x, const Geometr
         opmath_t buf[kBlock];
         for (int64_t s0 = 0; s0 < g.HW; s0 += kBlock) {
           const int64_t len = std::min(kBlock, g.HW - s0);
-          const opmath_t* blk = widen(run + s0, buf, len);
-          opmath_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < len; ++i) sum += blk[i];
-          const opmath_t bm = sum / static_cast<opmath_t>(len);
-          opmath_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-          for (int64_t i = 0; i < len; ++i) {
-            const opmath_t d = blk[i] - bm;
-            sq += d * d;
-          }
+          opmath_t bm, sq;
+          stats_block(run + s0, len, buf, &bm, &sq);
           chan_merge(n, mean, m2, double(len), double(bm), double(sq));
         }
         pmean[p] = mean;  // p = n*C + c is already the (k = n, c) index
@@ -133,25 +237,9 @@ std::tuple<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x, const Geometr
         const int64_t r1 = (k + 1) * M / K;
         for (int64_t r0 = k * M / K; r0 < r1; r0 += rows_per_block) {
           const int64_t nb = std::min(rows_per_block, r1 - r0);
-          std::fill(bmean.begin(), bmean.end(), opmath_t(0));
-          std::fill(bsq.begin(), bsq.end(), opmath_t(0));
           opmath_t* bm = bmean.data();
           opmath_t* bs = bsq.data();
-          for (int64_t r = r0; r < r0 + nb; ++r) {
-            const scalar_t* row = xp + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) bm[c] += static_cast<opmath_t>(row[c]);
-          }
-          const opmath_t inv_nb = opmath_t(1) / static_cast<opmath_t>(nb);
-          for (int64_t c = 0; c < C; ++c) bm[c] *= inv_nb;
-          for (int64_t r = r0; r < r0 + nb; ++r) {
-            const scalar_t* row = xp + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const opmath_t d = static_cast<opmath_t>(row[c]) - bm[c];
-              bs[c] += d * d;
-            }
-          }
+          stats_rows(xp + r0 * C, nb, C, bm, bs);
           const double tot = n + nb, f_mean = nb / tot, f_m2 = n * nb / tot;
           for (int64_t c = 0; c < C; ++c) {
             const double delta = double(bm[c]) - mean[c];
@@ -238,24 +326,8 @@ void apply_impl(const at::Tensor& x, at::Tensor& y, const Geometry& g, const Coe
   const opmath_t* B = b_t.const_data_ptr<opmath_t>();
   const opmath_t* MU = m_t.const_data_ptr<opmath_t>();
   for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
-    const scalar_t* xi = xp + off;
-    scalar_t* yo = yp + off;
-    if (c >= 0) {
-      const opmath_t a = A[c], b = B[c], mu = MU[c];
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        opmath_t v = (static_cast<opmath_t>(xi[i]) - mu) * a + b;
-        if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;  // NaN <= 0 is false: NaN propagates
-        yo[i] = narrow<scalar_t>(v);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        opmath_t v = (static_cast<opmath_t>(xi[i]) - MU[i]) * A[i] + B[i];
-        if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;
-        yo[i] = narrow<scalar_t>(v);
-      }
-    }
+    if (c >= 0) apply_elems<scalar_t, opmath_t, RELU, false>(xp + off, yp + off, len, A + c, B + c, MU + c);
+    else apply_elems<scalar_t, opmath_t, RELU, true>(xp + off, yp + off, len, A, B, MU);
   });
 }
 
@@ -301,17 +373,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, co
         opmath_t gbuf[kBlock], xbuf[kBlock];
         for (int64_t s0 = 0; s0 < g.HW; s0 += kBlock) {
           const int64_t len = std::min(kBlock, g.HW - s0);
-          const opmath_t* gi = widen(gp + p * g.HW + s0, gbuf, len);
-          const opmath_t* xi = widen(xp + p * g.HW + s0, xbuf, len);
-          opmath_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t i = 0; i < len; ++i) {
-            const opmath_t xm = xi[i] - mu;
-            opmath_t gv = gi[i];
-            if (RELU) gv = (xm * a + bb > opmath_t(0)) ? gv : opmath_t(0);
-            s1 += gv;
-            s2 += gv * xm;
-          }
+          opmath_t s1, s2;
+          reduce_block<scalar_t, opmath_t, RELU>(gp + p * g.HW + s0, xp + p * g.HW + s0, len, a, bb, mu, gbuf, xbuf,
+                                                 &s1, &s2);
           sdy += s1;
           sdyx += s2;
         }
@@ -332,18 +396,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, co
           std::fill(b2.begin(), b2.end(), opmath_t(0));
           opmath_t* s1 = b1.data();
           opmath_t* s2 = b2.data();
-          for (int64_t r = r0; r < r0 + nb; ++r) {
-            const scalar_t* gi = gp + r * C;
-            const scalar_t* xi = xp + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const opmath_t xm = static_cast<opmath_t>(xi[c]) - MU[c];
-              opmath_t gv = static_cast<opmath_t>(gi[c]);
-              if (RELU) gv = (xm * A[c] + B[c] > opmath_t(0)) ? gv : opmath_t(0);
-              s1[c] += gv;
-              s2[c] += gv * xm;
-            }
-          }
+          reduce_rows<scalar_t, opmath_t, RELU>(gp + r0 * C, xp + r0 * C, nb, C, A, B, MU, s1, s2);
           for (int64_t c = 0; c < C; ++c) {
             pdy[k * C + c] += s1[c];
             pdyx[k * C + c] += s2[c];
@@ -413,27 +466,10 @@ void backward_elemt_impl(const at::Tensor& gy, const at::Tensor& x, at::Tensor& 
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
   for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
-    const scalar_t* gi = gp + off;
-    const scalar_t* xi = xp + off;
-    scalar_t* di = dp + off;
-    if (c >= 0) {
-      const opmath_t a = A[c], b = B[c], mu = MU[c], k1 = K1[c], k2 = K2[c], k3 = K3[c];
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const opmath_t xm = static_cast<opmath_t>(xi[i]) - mu;
-        opmath_t gv = static_cast<opmath_t>(gi[i]);
-        if (RELU) gv = (xm * a + b > opmath_t(0)) ? gv : opmath_t(0);
-        di[i] = narrow<scalar_t>(k1 * gv + k2 * xm + k3);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const opmath_t xm = static_cast<opmath_t>(xi[i]) - MU[i];
-        opmath_t gv = static_cast<opmath_t>(gi[i]);
-        if (RELU) gv = (xm * A[i] + B[i] > opmath_t(0)) ? gv : opmath_t(0);
-        di[i] = narrow<scalar_t>(K1[i] * gv + K2[i] * xm + K3[i]);
-      }
-    }
+    if (c >= 0)
+      elemt_elems<scalar_t, opmath_t, RELU, false>(gp + off, xp + off, dp + off, len, A + c, B + c, MU + c, K1 + c,
+                                                  K2 + c, K3 + c);
+    else elemt_elems<scalar_t, opmath_t, RELU, true>(gp + off, xp + off, dp + off, len, A, B, MU, K1, K2, K3);
   });
 }
 

@@ -105,7 +105,7 @@ void forward_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
 // Max: acc = the window max per channel; best (if not null) its position ih*ph + iw*pw, else the
 // index bookkeeping is skipped. Average: acc = the window sum.
 template <typename scalar_t, typename acc_t>
-inline void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
+FUSEDCNN_CPU_CLONES void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
                         acc_t* acc, int64_t* best, int64_t ph = 0, int64_t pw = 0) {
   const bool is_max = a.kind == Kind::Max;
   std::fill(acc, acc + C, is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
