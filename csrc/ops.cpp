@@ -17,6 +17,12 @@ TORCH_LIBRARY(fusedcnn, m) {
         "Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? bias, Tensor? sum_dy, Tensor? sum_dy_xmu, float count, bool relu) -> Tensor");
+  // Training forward / backward in one call each (no sync BN between the passes): the CPU kernels keep a
+  // channel in cache between the passes; elsewhere the two-pass composition of the ops above.
+  m.def("batch_norm_train_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, bool relu) -> "
+        "(Tensor y, Tensor mean, Tensor var, Tensor invstd)");
+  m.def("batch_norm_train_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? bias, bool relu) -> (Tensor grad_x, Tensor sum_dy, Tensor sum_dy_xmu)");
   // ---- conv: x (N, C, H, W), weight (C_out, C/groups, kH, kW), bias (C_out,); csrc/conv/conv.h.
   // algo: "auto" | "im2col" (cpp) | "implicit_gemm" (triton only). Symmetric padding: Python pads
   // asymmetric "same" explicitly. conv2d_backward returns (grad_x, grad_weight, grad_bias), each an

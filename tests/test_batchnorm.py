@@ -196,6 +196,43 @@ def test_opcheck(backend):
         torch.library.opcheck(op(backend, name), args)
 
 
+CPP = pytest.mark.skipif("cpp" not in COMPILED, reason="fusedcnn._C not built")
+
+
+@CPP
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [SHAPE, (2, 3, 50, 50), (4, 2, 256, 300)],
+                         ids=["small", "multi-block", "channel-over-cache"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpp_train_ops_match_the_four_op_composition(dtype, shape, channels_last):
+    """batch_norm_train_forward/_backward (one call each; on CPU a channel in cache is read once per pass
+    from memory) give what stats -> apply and reduce -> elemt give, and pass opcheck."""
+    c = shape[1]
+    x = randn(*shape, dtype=dtype, channels_last=channels_last) * 2 + 0.5
+    g = randn(*shape, dtype=dtype, channels_last=channels_last)
+    w, b = randn(c), randn(c)
+    fwd, bwd = op("cpp", "batch_norm_train_forward"), op("cpp", "batch_norm_train_backward")
+    for relu in (False, True):
+        y, mean, var, invstd = fwd(x, w, b, 1e-5, relu)
+        mean2, var2 = op("cpp", "batch_norm_stats")(x)
+        invstd2 = torch.rsqrt(var2 + 1e-5)
+        y2 = op("cpp", "batch_norm_apply")(x, mean2, invstd2, w, b, relu)
+        for got, want in ((y, y2), (mean, mean2), (var, var2), (invstd, invstd2)):
+            assert_close(got, want, dtype)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        dx, sdy, sdyx = bwd(g, x, mean, invstd, w, b, relu)
+        sdy2, sdyx2 = op("cpp", "batch_norm_backward_reduce")(g, x, mean, invstd, w, b, relu)
+        dx2 = op("cpp", "batch_norm_backward_elemt")(g, x, mean, invstd, w, b, sdy2, sdyx2,
+                                                     float(x.numel() // c), relu)
+        for got, want in ((dx, dx2), (sdy, sdy2), (sdyx, sdyx2)):
+            assert_close(got, want, dtype)
+    if shape == SHAPE and dtype == torch.float32:
+        torch.library.opcheck(fwd, (x, w, b, 1e-5, True))
+        torch.library.opcheck(fwd, (x, None, None, 1e-3, False))
+        torch.library.opcheck(bwd, (g, x, mean, invstd, w, b, True))
+        torch.library.opcheck(bwd, (g, x, mean, invstd, None, None, False))
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_ops_reject_bad_arguments(backend):
     x = randn(*SHAPE)

@@ -45,5 +45,31 @@ inline at::Tensor affine_or(const c10::optional<at::Tensor>& t, const at::Tensor
   return at::full({x.size(1)}, fill, x.options().dtype(st));
 }
 
+// The training forward and backward in two passes each, composed from a device's four kernels:
+//   forward:  stats (read x) -> invstd = rsqrt(var + eps) -> apply (read x, write y)
+//   backward: reduce (read g, x) -> elemt (read g, x, write dx)
+// The CUDA ops always (their tensors never fit in cache); the CPU ops when a channel does not fit in L2.
+// Returns (y, mean, var, invstd) and (dx, sum_dy, sum_dy_xmu); count = N*H*W.
+template <class Stats, class Apply>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_forward_two_pass(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+    bool relu, Stats stats, Apply apply) {
+  auto [mean, var] = stats(x);
+  at::Tensor invstd = (var + eps).rsqrt();
+  at::Tensor y = apply(x, mean, invstd, weight, bias, relu);
+  return {y, mean, var, invstd};
+}
+
+template <class Reduce, class Elemt>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward_two_pass(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, bool relu, Reduce reduce,
+    Elemt elemt) {
+  auto [sum_dy, sum_dy_xmu] = reduce(grad_out, x, mean, invstd, weight, bias, relu);
+  const double count = static_cast<double>(x.numel() / std::max<int64_t>(x.size(1), 1));
+  at::Tensor dx = elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, relu);
+  return {dx, sum_dy, sum_dy_xmu};
+}
+
 }  // namespace bn
 }  // namespace fusedcnn

@@ -69,7 +69,9 @@ inline scalar_t narrow(opmath_t v) {
     uint32_t u;
     std::memcpy(&u, &v, sizeof(u));
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const uint16_t bits = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);  // NaN stays a quiet NaN
+    // NaN stays a quiet NaN. A mask, not a ?: -- GCC turned the select into 16-bit mask shuffles (2x slower).
+    const uint32_t nan = 0u - static_cast<uint32_t>(v != v);
+    const uint16_t bits = static_cast<uint16_t>((rounded & ~nan) | (0x7FC0u & nan));
     return c10::BFloat16(bits, c10::BFloat16::from_bits());
   } else {
     return static_cast<scalar_t>(v);
@@ -87,23 +89,55 @@ inline int64_t nhwc_chunks(const Geometry& g) {
 // AVX2 and baseline x86-64. ROW = NHWC: per-element coefficient arrays (A[i], B[i], MU[i], i = channel);
 // else NCHW: one channel's run, coefficients A[0], B[0], MU[0].
 
-// One NCHW block of len <= kBlock values: its mean and sum of squared deviations (exact two-pass, the
-// block sits in L1 for the second pass). buf: kBlock opmath values for the bfloat16/half widening.
-template <typename scalar_t, typename opmath_t>
-FUSEDCNN_CPU_CLONES void stats_block(const scalar_t* x, int64_t len, opmath_t* buf, opmath_t* mean, opmath_t* sq) {
-  const opmath_t* blk = widen(x, buf, len);
-  opmath_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < len; ++i) sum += blk[i];
-  const opmath_t bm = sum / static_cast<opmath_t>(len);
-  opmath_t s2 = 0;
-#pragma omp simd reduction(+ : s2)
-  for (int64_t i = 0; i < len; ++i) {
-    const opmath_t d = blk[i] - bm;
-    s2 += d * d;
+// Blocks of the NCHW reductions: runs of len values, run r at src + r*stride, cut into blocks of at most
+// kBlock values -- a long run into several blocks, short runs (len < kBlock: the small late VGG layers, HW
+// down to 4) gathered several to a block, so each block pays the horizontal sums and the double merge once.
+// Calls body(block, count) with the block as opmath values in buf (or in place when no copy is needed).
+// Always inlined, with its body, into the cloned kernels that call it: a call left out of line is compiled
+// for baseline x86-64, and was 4x slower (scalar, with a branch per element).
+template <typename scalar_t, typename opmath_t, typename F>
+__attribute__((always_inline)) inline void for_each_block(const scalar_t* src, int64_t runs, int64_t stride, int64_t len, opmath_t* buf,
+                           const F& body) {
+  if (len >= kBlock) {
+    for (int64_t r = 0; r < runs; ++r)
+      for (int64_t s0 = 0; s0 < len; s0 += kBlock) {
+        const int64_t bl = std::min(kBlock, len - s0);
+        body(widen(src + r * stride + s0, buf, bl), bl);
+      }
+    return;
   }
-  *mean = bm;
-  *sq = s2;
+  const int64_t per = kBlock / std::max<int64_t>(len, 1);  // runs per block
+  for (int64_t r0 = 0; r0 < runs; r0 += per) {
+    const int64_t nr = std::min(per, runs - r0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t* run = src + (r0 + r) * stride;
+      opmath_t* dst = buf + r * len;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<opmath_t>(run[i]);
+    }
+    body(static_cast<const opmath_t*>(buf), nr * len);
+  }
+}
+
+// NCHW statistics of `runs` runs of len values, run r at x + r*stride (one plane, or one channel's N planes):
+// each block (for_each_block) gets an exact two-pass mean and sum of squared deviations while it sits in
+// L1, merged (Chan) into (n, mean, m2) in double. buf: kBlock opmath values.
+template <typename scalar_t, typename opmath_t>
+FUSEDCNN_CPU_CLONES void stats_runs(const scalar_t* x, int64_t runs, int64_t stride, int64_t len, opmath_t* buf,
+                                    double* n, double* mean, double* m2) {
+  for_each_block(x, runs, stride, len, buf, [&](const opmath_t* blk, int64_t bl) __attribute__((always_inline)) {
+    opmath_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < bl; ++i) sum += blk[i];
+    const opmath_t bm = sum / static_cast<opmath_t>(bl);
+    opmath_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < bl; ++i) {
+      const opmath_t d = blk[i] - bm;
+      sq += d * d;
+    }
+    chan_merge(*n, *mean, *m2, double(bl), double(bm), double(sq));
+  });
 }
 
 // nb NHWC rows of C channels: bm[c] = their mean, bs[c] = their sum of squared deviations.
@@ -128,38 +162,59 @@ FUSEDCNN_CPU_CLONES void stats_rows(const scalar_t* x, int64_t nb, int64_t C, op
   }
 }
 
-// y = relu?((x - mu) * a + b) over len elements.
+// y = relu?((x - mu) * a + b) over `runs` runs of len elements, run r at offset r*stride in x and y.
 template <typename scalar_t, typename opmath_t, bool RELU, bool ROW>
-FUSEDCNN_CPU_CLONES void apply_elems(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* A,
-                                     const opmath_t* B, const opmath_t* MU) {
+FUSEDCNN_CPU_CLONES void apply_elems(const scalar_t* x, scalar_t* y, int64_t runs, int64_t stride, int64_t len,
+                                     const opmath_t* A, const opmath_t* B, const opmath_t* MU) {
   const opmath_t a0 = A[0], b0 = B[0], mu0 = MU[0];
+  for (int64_t r = 0; r < runs; ++r) {
+    const scalar_t* xr = x + r * stride;
+    scalar_t* yr = y + r * stride;
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    opmath_t v = (static_cast<opmath_t>(x[i]) - (ROW ? MU[i] : mu0)) * (ROW ? A[i] : a0) + (ROW ? B[i] : b0);
-    if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;  // NaN <= 0 is false: NaN propagates
-    y[i] = narrow<scalar_t>(v);
+    for (int64_t i = 0; i < len; ++i) {
+      opmath_t v = (static_cast<opmath_t>(xr[i]) - (ROW ? MU[i] : mu0)) * (ROW ? A[i] : a0) + (ROW ? B[i] : b0);
+      if (RELU) v = v <= opmath_t(0) ? opmath_t(0) : v;  // NaN <= 0 is false: NaN propagates
+      yr[i] = narrow<scalar_t>(v);
+    }
   }
 }
 
-// One NCHW block (len <= kBlock) of the backward reduction: s1 = sum(g'), s2 = sum(g' * (x - mu)),
-// g' = g * (relu mask recomputed from x). gbuf, xbuf: kBlock opmath values for the widening.
+// NCHW backward reduction over `runs` runs of len values (run r at offset r*stride in g and x), added to
+// s1 += sum(g'), s2 += sum(g' * (x - mu)) in double per block, g' = g * (relu mask recomputed from x).
+// Blocks as for_each_block, g and x gathered alike. gbuf, xbuf: kBlock opmath values each.
 template <typename scalar_t, typename opmath_t, bool RELU>
-FUSEDCNN_CPU_CLONES void reduce_block(const scalar_t* g, const scalar_t* x, int64_t len, opmath_t a, opmath_t b,
-                                      opmath_t mu, opmath_t* gbuf, opmath_t* xbuf, opmath_t* s1_out,
-                                      opmath_t* s2_out) {
-  const opmath_t* gi = widen(g, gbuf, len);
-  const opmath_t* xi = widen(x, xbuf, len);
-  opmath_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-  for (int64_t i = 0; i < len; ++i) {
-    const opmath_t xm = xi[i] - mu;
-    opmath_t gv = gi[i];
-    if (RELU) gv = (xm * a + b > opmath_t(0)) ? gv : opmath_t(0);
-    s1 += gv;
-    s2 += gv * xm;
-  }
-  *s1_out = s1;
-  *s2_out = s2;
+FUSEDCNN_CPU_CLONES void reduce_runs(const scalar_t* g, const scalar_t* x, int64_t runs, int64_t stride, int64_t len,
+                                     opmath_t a, opmath_t b, opmath_t mu, opmath_t* gbuf, opmath_t* xbuf, double* s1,
+                                     double* s2) {
+  // Walk x's blocks; g's block with the same (run, offset) is gathered into gbuf alongside.
+  int64_t r_next = 0, s_next = 0;  // where the next block starts
+  for_each_block(x, runs, stride, len, xbuf, [&](const opmath_t* xi, int64_t bl) __attribute__((always_inline)) {
+    const opmath_t* gi;
+    if (len >= kBlock) {
+      gi = widen(g + r_next * stride + s_next, gbuf, bl);
+      s_next += bl;
+      if (s_next >= len) s_next = 0, ++r_next;
+    } else {
+      for (int64_t r = 0; r < bl / len; ++r) {
+        const scalar_t* run = g + (r_next + r) * stride;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) gbuf[r * len + i] = static_cast<opmath_t>(run[i]);
+      }
+      r_next += bl / len;
+      gi = gbuf;
+    }
+    opmath_t t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+    for (int64_t i = 0; i < bl; ++i) {
+      const opmath_t xm = xi[i] - mu;
+      opmath_t gv = gi[i];
+      if (RELU) gv = (xm * a + b > opmath_t(0)) ? gv : opmath_t(0);
+      t1 += gv;
+      t2 += gv * xm;
+    }
+    *s1 += t1;
+    *s2 += t2;
+  });
 }
 
 // nb NHWC rows of the backward reduction, accumulated into s1[c], s2[c].
@@ -180,18 +235,24 @@ FUSEDCNN_CPU_CLONES void reduce_rows(const scalar_t* g, const scalar_t* x, int64
   }
 }
 
-// dx = k1 * g' + k2 * (x - mu) + k3 over len elements (coefficients: backward_elemt_impl).
+// dx = k1 * g' + k2 * (x - mu) + k3 over `runs` runs of len elements, run r at offset r*stride in g, x and dx
+// (coefficients: backward_elemt_impl).
 template <typename scalar_t, typename opmath_t, bool RELU, bool ROW>
-FUSEDCNN_CPU_CLONES void elemt_elems(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t len,
-                                     const opmath_t* A, const opmath_t* B, const opmath_t* MU, const opmath_t* K1,
-                                     const opmath_t* K2, const opmath_t* K3) {
+FUSEDCNN_CPU_CLONES void elemt_elems(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t stride,
+                                     int64_t len, const opmath_t* A, const opmath_t* B, const opmath_t* MU,
+                                     const opmath_t* K1, const opmath_t* K2, const opmath_t* K3) {
   const opmath_t a0 = A[0], b0 = B[0], mu0 = MU[0], k10 = K1[0], k20 = K2[0], k30 = K3[0];
+  for (int64_t r = 0; r < runs; ++r) {
+    const scalar_t* gr = g + r * stride;
+    const scalar_t* xr = x + r * stride;
+    scalar_t* dr = dx + r * stride;
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const opmath_t xm = static_cast<opmath_t>(x[i]) - (ROW ? MU[i] : mu0);
-    opmath_t gv = static_cast<opmath_t>(g[i]);
-    if (RELU) gv = (xm * (ROW ? A[i] : a0) + (ROW ? B[i] : b0) > opmath_t(0)) ? gv : opmath_t(0);
-    dx[i] = narrow<scalar_t>((ROW ? K1[i] : k10) * gv + (ROW ? K2[i] : k20) * xm + (ROW ? K3[i] : k30));
+    for (int64_t i = 0; i < len; ++i) {
+      const opmath_t xm = static_cast<opmath_t>(xr[i]) - (ROW ? MU[i] : mu0);
+      opmath_t gv = static_cast<opmath_t>(gr[i]);
+      if (RELU) gv = (xm * (ROW ? A[i] : a0) + (ROW ? B[i] : b0) > opmath_t(0)) ? gv : opmath_t(0);
+      dr[i] = narrow<scalar_t>((ROW ? K1[i] : k10) * gv + (ROW ? K2[i] : k20) * xm + (ROW ? K3[i] : k30));
+    }
   }
 }
 
@@ -213,12 +274,7 @@ std::tuple<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x, const Geometr
         const scalar_t* run = xp + p * g.HW;
         double n = 0, mean = 0, m2 = 0;
         opmath_t buf[kBlock];
-        for (int64_t s0 = 0; s0 < g.HW; s0 += kBlock) {
-          const int64_t len = std::min(kBlock, g.HW - s0);
-          opmath_t bm, sq;
-          stats_block(run + s0, len, buf, &bm, &sq);
-          chan_merge(n, mean, m2, double(len), double(bm), double(sq));
-        }
+        stats_runs(run, 1, 0, g.HW, buf, &n, &mean, &m2);
         pmean[p] = mean;  // p = n*C + c is already the (k = n, c) index
         pm2[p] = m2;
       }
@@ -326,8 +382,8 @@ void apply_impl(const at::Tensor& x, at::Tensor& y, const Geometry& g, const Coe
   const opmath_t* B = b_t.const_data_ptr<opmath_t>();
   const opmath_t* MU = m_t.const_data_ptr<opmath_t>();
   for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
-    if (c >= 0) apply_elems<scalar_t, opmath_t, RELU, false>(xp + off, yp + off, len, A + c, B + c, MU + c);
-    else apply_elems<scalar_t, opmath_t, RELU, true>(xp + off, yp + off, len, A, B, MU);
+    if (c >= 0) apply_elems<scalar_t, opmath_t, RELU, false>(xp + off, yp + off, 1, 0, len, A + c, B + c, MU + c);
+    else apply_elems<scalar_t, opmath_t, RELU, true>(xp + off, yp + off, 1, 0, len, A, B, MU);
   });
 }
 
@@ -371,14 +427,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, co
         const opmath_t a = A[c], bb = B[c], mu = MU[c];
         double sdy = 0, sdyx = 0;
         opmath_t gbuf[kBlock], xbuf[kBlock];
-        for (int64_t s0 = 0; s0 < g.HW; s0 += kBlock) {
-          const int64_t len = std::min(kBlock, g.HW - s0);
-          opmath_t s1, s2;
-          reduce_block<scalar_t, opmath_t, RELU>(gp + p * g.HW + s0, xp + p * g.HW + s0, len, a, bb, mu, gbuf, xbuf,
-                                                 &s1, &s2);
-          sdy += s1;
-          sdyx += s2;
-        }
+        reduce_runs<scalar_t, opmath_t, RELU>(gp + p * g.HW, xp + p * g.HW, 1, 0, g.HW, a, bb, mu, gbuf, xbuf, &sdy,
+                                              &sdyx);
         pdy[p] = sdy;
         pdyx[p] = sdyx;
       }
@@ -467,9 +517,9 @@ void backward_elemt_impl(const at::Tensor& gy, const at::Tensor& x, at::Tensor& 
   scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
   for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
     if (c >= 0)
-      elemt_elems<scalar_t, opmath_t, RELU, false>(gp + off, xp + off, dp + off, len, A + c, B + c, MU + c, K1 + c,
-                                                  K2 + c, K3 + c);
-    else elemt_elems<scalar_t, opmath_t, RELU, true>(gp + off, xp + off, dp + off, len, A, B, MU, K1, K2, K3);
+      elemt_elems<scalar_t, opmath_t, RELU, false>(gp + off, xp + off, dp + off, 1, 0, len, A + c, B + c, MU + c,
+                                                  K1 + c, K2 + c, K3 + c);
+    else elemt_elems<scalar_t, opmath_t, RELU, true>(gp + off, xp + off, dp + off, 1, 0, len, A, B, MU, K1, K2, K3);
   });
 }
 
@@ -506,9 +556,121 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_out, const at::T
   return dx;
 }
 
+// ------------------------------------------------------------------ training forward / backward, one call each
+// NCHW with a channel (its N runs of HW values) small enough to stay in L2: one task per channel reads it
+// from memory for the statistics and again, from cache, to normalize (forward), or for the reduction and
+// again for dx (backward): 2 and 3 passes over memory instead of 3 and 5. Otherwise (NHWC, big channels)
+// the two-pass composition of the four ops (batchnorm.h).
+constexpr int64_t kChannelCacheBytes = 1 << 20;  // half of a 2 MiB L2: the channel's inputs, read twice
+
+bool channel_in_cache(const at::Tensor& x, const Geometry& g, int inputs) {
+  return !g.nhwc && x.numel() > 0 && g.N * g.HW * x.element_size() * inputs <= kChannelCacheBytes;
+}
+
+template <typename scalar_t, bool RELU>
+void train_forward_channels(const at::Tensor& x, at::Tensor& y, const Geometry& g, const at::Tensor& w,
+                            const at::Tensor& b, double eps, at::Tensor& mean, at::Tensor& var, at::Tensor& invstd) {
+  using opmath_t = at::opmath_type<scalar_t>;  // == the statistics dtype (float, or double for double)
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const opmath_t *W = w.const_data_ptr<opmath_t>(), *B = b.const_data_ptr<opmath_t>();
+  opmath_t *MEAN = mean.mutable_data_ptr<opmath_t>(), *VAR = var.mutable_data_ptr<opmath_t>(),
+           *INV = invstd.mutable_data_ptr<opmath_t>();
+  const int64_t C = g.C, HW = g.HW;
+  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    opmath_t buf[kBlock];
+    for (int64_t c = cb; c < ce; ++c) {
+      double n = 0, mu = 0, m2 = 0;  // pass 1 (memory): statistics, the same blocks and merges as stats_impl
+      stats_runs(xp + c * HW, g.N, C * HW, HW, buf, &n, &mu, &m2);
+      MEAN[c] = static_cast<opmath_t>(mu);
+      VAR[c] = static_cast<opmath_t>(m2 / n);
+      INV[c] = opmath_t(1) / std::sqrt(VAR[c] + static_cast<opmath_t>(eps));  // torch.rsqrt(var + eps)
+      const opmath_t a = W[c] * INV[c];  // affine_coefs' a, bit for bit (the backward recomputes the mask)
+      // pass 2 (cache): normalize
+      apply_elems<scalar_t, opmath_t, RELU, false>(xp + c * HW, yp + c * HW, g.N, C * HW, HW, &a, B + c, MEAN + c);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_forward_cpu(
+    const at::Tensor& x_, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+    bool relu) {
+  bn::check_input(x_, "x", at::kCPU);
+  const auto fmt = bn::layout_of(x_);
+  const at::Tensor x = x_.contiguous(fmt);
+  const Geometry g = geometry_of(x);
+  if (!channel_in_cache(x, g, 1))
+    return bn::train_forward_two_pass(x, weight, bias, eps, relu, batch_norm_stats_cpu, batch_norm_apply_cpu);
+  const at::Tensor w = bn::affine_or(weight, x, "weight", 1.0), b = bn::affine_or(bias, x, "bias", 0.0);
+  const auto stats_opts = x.options().dtype(bn::stats_type(x.scalar_type()));
+  at::Tensor y = new_output(x.sizes(), x.options(), fmt);
+  at::Tensor mean = at::empty({g.C}, stats_opts), var = at::empty({g.C}, stats_opts),
+             invstd = at::empty({g.C}, stats_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_train_forward_cpu", [&] {
+    if (relu) train_forward_channels<scalar_t, true>(x, y, g, w, b, eps, mean, var, invstd);
+    else train_forward_channels<scalar_t, false>(x, y, g, w, b, eps, mean, var, invstd);
+  });
+  return {y, mean, var, invstd};
+}
+
+template <typename scalar_t, bool RELU>
+void train_backward_channels(const at::Tensor& gy, const at::Tensor& x, at::Tensor& dx, const Geometry& g,
+                             const Coefs& k, const at::Tensor& w, const at::Tensor& invstd, at::Tensor& sum_dy,
+                             at::Tensor& sum_dy_xmu) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* gp = gy.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+  const opmath_t *A = k.a.const_data_ptr<opmath_t>(), *B = k.b.const_data_ptr<opmath_t>(),
+                 *MU = k.mean.const_data_ptr<opmath_t>(), *W = w.const_data_ptr<opmath_t>(),
+                 *INV = invstd.const_data_ptr<opmath_t>();
+  opmath_t *SDY = sum_dy.mutable_data_ptr<opmath_t>(), *SDYX = sum_dy_xmu.mutable_data_ptr<opmath_t>();
+  const int64_t C = g.C, HW = g.HW;
+  const opmath_t count = static_cast<opmath_t>(g.N * HW);
+  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    opmath_t gbuf[kBlock], xbuf[kBlock];
+    for (int64_t c = cb; c < ce; ++c) {
+      double sdy = 0, sdyx = 0;  // pass 1 (memory): the reduction
+      reduce_runs<scalar_t, opmath_t, RELU>(gp + c * HW, xp + c * HW, g.N, C * HW, HW, A[c], B[c], MU[c], gbuf, xbuf,
+                                            &sdy, &sdyx);
+      SDY[c] = static_cast<opmath_t>(sdy);
+      SDYX[c] = static_cast<opmath_t>(sdyx);
+      // backward_elemt_cpu's coefficients, in the same order
+      const opmath_t k1 = W[c] * INV[c], k2 = -k1 * INV[c] * INV[c] * SDYX[c] / count, k3 = -k1 * SDY[c] / count;
+      // pass 2 (cache): dx
+      elemt_elems<scalar_t, opmath_t, RELU, false>(gp + c * HW, xp + c * HW, dp + c * HW, g.N, C * HW, HW, A + c,
+                                                    B + c, MU + c, &k1, &k2, &k3);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, bool relu) {
+  bn::check_input(x_, "x", at::kCPU);
+  const auto fmt = bn::layout_of(x_);
+  const at::Tensor x = x_.contiguous(fmt);
+  const at::Tensor gy = grad_like(grad_out, x);
+  const Geometry g = geometry_of(x);
+  if (!channel_in_cache(x, g, 2))
+    return bn::train_backward_two_pass(gy, x, mean, invstd, weight, bias, relu, batch_norm_backward_reduce_cpu,
+                                       batch_norm_backward_elemt_cpu);
+  const Coefs k = affine_coefs(x, mean, invstd, weight, bias);
+  const at::Tensor w = bn::affine_or(weight, x, "weight", 1.0), inv = invstd.contiguous();
+  at::Tensor dx = new_output(x.sizes(), x.options(), fmt);
+  at::Tensor sum_dy = at::empty({g.C}, mean.options()), sum_dy_xmu = at::empty({g.C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_train_backward_cpu", [&] {
+    if (relu) train_backward_channels<scalar_t, true>(gy, x, dx, g, k, w, inv, sum_dy, sum_dy_xmu);
+    else train_backward_channels<scalar_t, false>(gy, x, dx, g, k, w, inv, sum_dy, sum_dy_xmu);
+  });
+  return {dx, sum_dy, sum_dy_xmu};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedcnn, CPU, m) {
+  m.impl("batch_norm_train_forward", &batch_norm_train_forward_cpu);
+  m.impl("batch_norm_train_backward", &batch_norm_train_backward_cpu);
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_apply", &batch_norm_apply_cpu);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);

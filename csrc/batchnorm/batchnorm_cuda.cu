@@ -379,9 +379,24 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out, const at::
   return dx;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_forward_cuda(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+    bool relu) {
+  return bn::train_forward_two_pass(x, weight, bias, eps, relu, batch_norm_stats_cuda, batch_norm_apply_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, bool relu) {
+  return bn::train_backward_two_pass(grad_out, x, mean, invstd, weight, bias, relu, batch_norm_backward_reduce_cuda,
+                                     batch_norm_backward_elemt_cuda);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedcnn, CUDA, m) {
+  m.impl("batch_norm_train_forward", &batch_norm_train_forward_cuda);
+  m.impl("batch_norm_train_backward", &batch_norm_train_backward_cuda);
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);
   m.impl("batch_norm_apply", &batch_norm_apply_cuda);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);

@@ -29,13 +29,15 @@ def registered_backends() -> list[str]:
 
 
 def register(forward: str, *, fake: Callable, setup_context: Callable | None = None,
-             backward_factory: Callable[[str], Callable] | None = None) -> None:
-    """Register the fake function and (if given) the autograd formula of op `forward` for every compiled backend.
+             backward_factory: Callable[[str], Callable] | None = None,
+             only: tuple[str, ...] = COMPILED_BACKENDS) -> None:
+    """Register the fake function and (if given) the autograd formula of op `forward` for every compiled backend
+    (or those in `only`, for an op one backend alone has).
 
     backward_factory(backend) returns the autograd backward for that backend, so
     each backend's backward calls that backend's own backward kernels.
     """
-    for backend in registered_backends():
+    for backend in (b for b in registered_backends() if b in only):
         try:
             fwd = op(backend, forward)
         except AttributeError:

@@ -18,6 +18,12 @@ They are split where sync BN (torch.distributed) has to reduce across ranks:
                      ->  elemt (1 read of g, 1 read of x, 1 write of dx)
   = the minimum the math allows: the statistics must be complete before any element is normalized,
   and sum_dy / sum_dy_xmu before any dx.
+The cpp backend also has each direction as one op, used in training without sync:
+  batch_norm_train_forward(x, weight?, bias?, eps, relu) -> (y, mean, var, invstd)
+  batch_norm_train_backward(g, x, mean, invstd, weight?, bias?, relu) -> (dx, sum_dy, sum_dy_xmu)
+On CPU, when one channel (N*H*W values, NCHW) fits in L2, a task per channel reads it from memory once for
+the statistics (or the reduction) and again from cache for y (or dx): 2 and 3 passes over memory instead
+of 3 and 5, and two op calls per layer instead of four plus the (C,)-vector arithmetic between them.
 
 Saved for backward: x (not y) and the per-channel mean and invstd. The ReLU mask is recomputed from x
 as ((x - mean) * a + bias > 0) with the forward's own per-channel a = weight * invstd, in float32
@@ -87,6 +93,11 @@ register("batch_norm_stats", fake=_fake_channel_pair)
 register("batch_norm_apply", fake=lambda x, *rest: _fake_like_x(x))
 register("batch_norm_backward_reduce", fake=lambda g, x, *rest: _fake_channel_pair(x))
 register("batch_norm_backward_elemt", fake=lambda g, x, *rest: _fake_like_x(x))
+# cpp only: the training forward / backward in one call each (CPU: a channel stays in cache between passes)
+register("batch_norm_train_forward", only=("cpp",),
+         fake=lambda x, *rest: (_fake_like_x(x), *_fake_channel_pair(x), _fake_channel_pair(x)[0]))
+register("batch_norm_train_backward", only=("cpp",),
+         fake=lambda g, x, *rest: (_fake_like_x(x), *_fake_channel_pair(x)))
 
 
 # ---- autograd over the compiled ops (one Function: sync BN needs collectives between the kernels)
@@ -127,6 +138,37 @@ class _BatchNormApply(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode relu?(batch_norm(x)) on the cpp backend without sync: one op forward, one backward
+    (batch_norm_train_forward / _backward). Returns (y, mean, var); mean and var (batch statistics, biased)
+    are for the running-stat update, not differentiable outputs (their gradient flows through y)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, relu):
+        y, mean, var, invstd = op("cpp", "batch_norm_train_forward")(x, weight, bias, eps, relu)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.relu = relu
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx, sum_dy, sum_dy_xmu = op("cpp", "batch_norm_train_backward")(
+                grad_out, x, mean, invstd, weight, bias, ctx.relu)
+        elif need_w or need_b:
+            sum_dy, sum_dy_xmu = op("cpp", "batch_norm_backward_reduce")(grad_out, x, mean, invstd, weight, bias,
+                                                                         ctx.relu)
+        if need_w:
+            dw = (sum_dy_xmu * invstd).to(weight.dtype)
+        if need_b:
+            db = sum_dy.to(bias.dtype)
+        return dx, dw, db, None, None
+
+
 def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
     """Merge every rank's (count, mean, biased var) exactly (Chan et al.): one all_gather of 2C+1 numbers."""
     world = torch.distributed.get_world_size(group)
@@ -145,6 +187,10 @@ def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, T
 def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, group):
     """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
+    if training and group is None and backend == "cpp":
+        y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps, relu)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return y
     if training:
         mean, var = op(backend, "batch_norm_stats")(x.detach())
         if group is not None:
