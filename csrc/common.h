@@ -8,18 +8,6 @@ namespace fusedcnn {
 
 // Every entry point checks what it is handed, so a bad call raises a Python
 // RuntimeError instead of reading or writing out of bounds.
-// Hot CPU loops are compiled three times -- AVX-512F, AVX2 and baseline x86-64 -- and the dynamic loader
-// picks the best one the running CPU has (GCC target_clones: an ifunc per function that tests CPU
-// features; not "arch=" clones, which test the CPU model and fell back to baseline on a Xeon newer than
-// the named one). The extension is built for baseline x86-64, as torch's wheels are; torch picks its own
-// kernels at run time the same way. Put it on free functions holding the loops (a lambda does not inherit
-// it); elsewhere (clang, other CPUs, nvcc) it is empty.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define FUSEDCNN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FUSEDCNN_CPU_CLONES
-#endif
-
 #define FUSEDCNN_CHECK_DEVICE(t, dev) \
   TORCH_CHECK((t).device().type() == (dev), #t " must be a ", c10::DeviceTypeName(dev), " tensor, got ", (t).device())
 #define FUSEDCNN_CHECK_FLOATING(t) \

@@ -14,6 +14,7 @@
 //   backward_reduce:  read g, x              2E*s
 //   backward_elemt:   read g, x, write dx    3E*s
 #include "batchnorm/batchnorm.h"
+#include "cpu_vec.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -49,35 +50,6 @@ inline void chan_merge(double& n, double& mean, double& m2, double nb, double mb
   n = tot;
 }
 
-// bfloat16/half blocks are widened into a float buffer first (a loop with no dependency chain): the
-// reductions then run on float and vectorize, instead of a serial chain of scalar conversions and adds.
-template <typename scalar_t, typename opmath_t>
-inline const opmath_t* widen(const scalar_t* src, opmath_t* buf, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<opmath_t>(src[i]);
-    return buf;
-  }
-}
-
-// opmath -> scalar_t for stores. bfloat16: round-to-nearest-even on the bits, branch-free so the loop
-// vectorizes (c10's conversion is a scalar call per element, ~5x slower here).
-template <typename scalar_t, typename opmath_t>
-inline scalar_t narrow(opmath_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    // NaN stays a quiet NaN. A mask, not a ?: -- GCC turned the select into 16-bit mask shuffles (2x slower).
-    const uint32_t nan = 0u - static_cast<uint32_t>(v != v);
-    const uint16_t bits = static_cast<uint16_t>((rounded & ~nan) | (0x7FC0u & nan));
-    return c10::BFloat16(bits, c10::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-
 // Row ranges of the NHWC reductions: chunk k of K covers rows [k*M/K, (k+1)*M/K).
 inline int64_t nhwc_chunks(const Geometry& g) {
   const int64_t rows_per_block = std::max<int64_t>(1, kBlock / std::max<int64_t>(g.C, 1));
@@ -85,7 +57,7 @@ inline int64_t nhwc_chunks(const Geometry& g) {
 }
 
 // ------------------------------------------------------------------ loop kernels
-// The innermost loops, as free functions so FUSEDCNN_CPU_CLONES (common.h) compiles each for AVX-512,
+// The innermost loops, as free functions so FUSEDCNN_CPU_CLONES (cpu_vec.h) compiles each for AVX-512,
 // AVX2 and baseline x86-64. ROW = NHWC: per-element coefficient arrays (A[i], B[i], MU[i], i = channel);
 // else NCHW: one channel's run, coefficients A[0], B[0], MU[0].
 

@@ -18,6 +18,7 @@
 // are asked for); backward reads 16 of x and 4 of grad_out, writes 16 of grad_in
 // (plus the zeroing pass over grad_in, 16, which stays in cache per plane).
 #include "pooling/pooling.h"
+#include "cpu_vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -105,7 +106,7 @@ void forward_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
 // Max: acc = the window max per channel; best (if not null) its position ih*ph + iw*pw, else the
 // index bookkeeping is skipped. Average: acc = the window sum.
 template <typename scalar_t, typename acc_t>
-FUSEDCNN_CPU_CLONES void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
+__attribute__((always_inline)) inline void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow, int64_t C,
                         acc_t* acc, int64_t* best, int64_t ph = 0, int64_t pw = 0) {
   const bool is_max = a.kind == Kind::Max;
   std::fill(acc, acc + C, is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
@@ -141,6 +142,16 @@ FUSEDCNN_CPU_CLONES void window_nhwc(const scalar_t* Xn, at::IntArrayRef xs, con
   }
 }
 
+// One NHWC output position, all C channels: the window's max or sum (window_nhwc), scaled and stored to yr
+// (scale: 1 for max, 1/divisor for average). Cloned per ISA (cpu_vec.h).
+template <typename scalar_t, typename acc_t>
+FUSEDCNN_CPU_CLONES void position_nhwc(const scalar_t* Xn, at::IntArrayRef xs, const Args& a, int64_t oh, int64_t ow,
+                                       int64_t C, acc_t* acc, int64_t* best, acc_t scale, scalar_t* yr) {
+  window_nhwc(Xn, xs, a, oh, ow, C, acc, best, a.w.in, 1);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) yr[c] = narrow<scalar_t>(acc[c] * scale);  // yr: channels contiguous
+}
+
 template <typename scalar_t>
 void forward_nhwc(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -155,10 +166,9 @@ void forward_nhwc(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tenso
     std::vector<int64_t> best(I ? C : 0);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t ow = q % OW, oh = (q / OW) % OH, n = q / (OW * OH);
-      window_nhwc(X + n * xs[0], xs, a, oh, ow, C, acc.data(), I ? best.data() : nullptr, a.w.in, 1);
-      scalar_t* yr = Y + n * ys[0] + oh * ys[2] + ow * ys[3];
       const acc_t scale = is_max ? acc_t(1) : acc_t(1) / static_cast<acc_t>(divisor_of(a, oh, ow));
-      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(acc[c] * scale);  // ys[1] == 1
+      position_nhwc(X + n * xs[0], xs, a, oh, ow, C, acc.data(), I ? best.data() : nullptr, scale,
+                    Y + n * ys[0] + oh * ys[2] + ow * ys[3]);
       if (I) {
         int64_t* ir = I + n * idx->stride(0) + oh * idx->stride(2) + ow * idx->stride(3);
         for (int64_t c = 0; c < C; ++c) ir[c * idx->stride(1)] = best[c];
@@ -231,20 +241,6 @@ inline void zero_uncovered(scalar_t* P, int64_t sH, int64_t sW, const Args& a, i
     for (int64_t iw = ih < h_cov ? w_cov : 0; iw < W; ++iw) std::fill(P + ih * sH + iw * sW, P + ih * sH + iw * sW + vec, scalar_t(0));
 }
 
-// v if keep, else +0, without a branch (whether a tap is the argmax is a coin flip on random data, and a
-// mispredicted branch per element made the backward 5x slower); bitwise, so a NaN or inf gradient stays
-// exactly where it belongs.
-template <typename scalar_t>
-inline scalar_t keep_or_zero(bool keep, scalar_t v) {
-  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
-                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
-  bits_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  u &= static_cast<bits_t>(bits_t(0) - static_cast<bits_t>(keep));
-  std::memcpy(&v, &u, sizeof(u));
-  return v;
-}
-
 // Offsets of a window's kh*kw taps from its first tap, in a tensor with strides st (tap t = j*kw + k).
 inline std::vector<int64_t> tap_offsets(const Args& a, at::IntArrayRef st) {
   std::vector<int64_t> off;
@@ -300,7 +296,7 @@ void forward_tiled_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at:
         scalar_t* yr = yp + oh * ys[2];
         if (a.kind == Kind::Max) {
           row_argmax(xp, xs, xoff, a, oh, m.data(), best.data());
-          for (int64_t ow = 0; ow < OW; ++ow) yr[ow * ys[3]] = static_cast<scalar_t>(m[ow]);
+          for (int64_t ow = 0; ow < OW; ++ow) yr[ow * ys[3]] = narrow<scalar_t>(m[ow]);
           if (I) {  // flat index h*W + w of the argmax
             int64_t* ir = I + n * idx->stride(0) + c * idx->stride(1) + oh * idx->stride(2);
             for (int64_t ow = 0; ow < OW; ++ow)
@@ -311,7 +307,7 @@ void forward_tiled_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at:
           for (int64_t ow = 0; ow < OW; ++ow) {
             acc_t sum = 0;
             for (int64_t t = 0; t < kh * kw; ++t) sum += static_cast<acc_t>(xr[ow * kw * xs[3] + xoff[t]]);
-            yr[ow * ys[3]] = static_cast<scalar_t>(sum * inv);
+            yr[ow * ys[3]] = narrow<scalar_t>(sum * inv);
           }
         }
       }
@@ -347,7 +343,7 @@ void backward_tiled_nchw(const at::Tensor& g, const at::Tensor& x, const Args& a
           for (int64_t ow = 0; ow < OW; ++ow)
             for (int64_t k = 0; k < kw; ++k) {
               const int32_t t = static_cast<int32_t>(j * kw + k);
-              dr[(ow * kw + k) * ds[3]] = keep_or_zero(!is_max || best[ow] == t, static_cast<scalar_t>(gv[ow]));
+              dr[(ow * kw + k) * ds[3]] = keep_or_zero(!is_max || best[ow] == t, narrow<scalar_t>(gv[ow]));
             }
         }
       }
@@ -403,7 +399,7 @@ void backward_tiled_nhwc(const at::Tensor& g, const at::Tensor& x, const Args& a
           for (int32_t t = 0; t < T; ++t) {
             scalar_t* __restrict__ dr = dw + doff[t];
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * inv);
+            for (int64_t c = 0; c < C; ++c) dr[c] = narrow<scalar_t>(static_cast<acc_t>(gr[c]) * inv);
           }
         }
       }
