@@ -32,16 +32,12 @@ namespace fusedcnn {
 namespace conv {
 
 // Bound on the im2col column buffer: the batch is split into chunks of nb images so that
-// C*kH*kW * nb*L elements stay within 256 MiB (a single image whose columns exceed it runs
-// alone: nb >= 1). The per-chunk output / grad_out buffer (K * nb*L) is usually far smaller.
-// FUSEDCNN_CONV_COL_BYTES overrides the bound (the tests shrink it to exercise the chunk loop).
-constexpr int64_t kColBufferBytes = int64_t(256) << 20;
-
-inline int64_t col_buffer_bytes() {
-  const char* v = std::getenv("FUSEDCNN_CONV_COL_BYTES");
-  const long long bytes = v != nullptr ? std::atoll(v) : 0;
-  return bytes > 0 ? static_cast<int64_t>(bytes) : kColBufferBytes;
-}
+// C*kH*kW * nb*L elements stay within the device's bound, Kernels::col_bytes (a single image whose
+// columns exceed it runs alone: nb >= 1). The per-chunk output / grad_out buffer (K * nb*L) is usually
+// far smaller. FUSEDCNN_CONV_COL_BYTES overrides the bound (the tests shrink it to exercise the chunk loop).
+constexpr int64_t kCudaColBytes = int64_t(256) << 20;  // few, large GEMMs
+constexpr int64_t kCpuColBytes = int64_t(4) << 20;     // the columns are written and read back in cache:
+                                                       // 9x the activation never goes to memory (3x faster)
 
 // Geometry of one convolution; every index is int64 (tensors may pass 2**31 elements).
 struct Geom {
@@ -63,7 +59,14 @@ struct Kernels {
   const char* dtypes;                      // for messages: the dtypes dtype_ok accepts
   void (*im2col)(const at::Tensor& x, const at::Tensor& col, const Geom& g);
   void (*col2im)(const at::Tensor& col, const at::Tensor& x, const Geom& g);  // overwrites x
+  int64_t col_bytes;                       // column buffer bound (see kCpuColBytes)
 };
+
+inline int64_t col_buffer_bytes(const Kernels& k) {
+  const char* v = std::getenv("FUSEDCNN_CONV_COL_BYTES");
+  const long long bytes = v != nullptr ? std::atoll(v) : 0;
+  return bytes > 0 ? static_cast<int64_t>(bytes) : k.col_bytes;
+}
 
 inline at::MemoryFormat output_format(const at::Tensor& x) {
   // NHWC-dense and not also NCHW-contiguous (fusedcnn.triton_kernels._common.dense_format)
@@ -110,10 +113,10 @@ inline Geom check_args(const char* op, const at::Tensor& x, const at::Tensor& we
   return g;
 }
 
-// Images per chunk so that the column buffer stays within col_buffer_bytes() (at least one).
-inline int64_t images_per_chunk(const Geom& g, int64_t N, int64_t elem_size) {
+// Images per chunk so that the column buffer stays within col_buffer_bytes(k) (at least one).
+inline int64_t images_per_chunk(const Geom& g, int64_t N, int64_t elem_size, const Kernels& k) {
   const int64_t per_image = std::max<int64_t>(1, g.C * g.kh * g.kw * g.Ho * g.Wo * elem_size);
-  return std::max<int64_t>(1, std::min<int64_t>(N, col_buffer_bytes() / per_image));
+  return std::max<int64_t>(1, std::min<int64_t>(N, col_buffer_bytes(k) / per_image));
 }
 
 // conv2d(x, weight, bias, stride, padding, dilation, groups, algo) -> out (N, K, H_out, W_out)
@@ -136,13 +139,15 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const s
   const at::Tensor xc = x.contiguous();  // NHWC input: an NCHW working copy (im2col reads NCHW)
   const at::Tensor w = weight.contiguous().view({G, Kg, CKg});
   const at::Tensor b = has_bias ? bias->contiguous().view({G, Kg, 1}) : at::Tensor();
-  const int64_t nb = images_per_chunk(g, N, x.element_size());
+  const int64_t nb = images_per_chunk(g, N, x.element_size(), k);
   at::Tensor col_buf = at::empty({G * CKg * nb * L}, x.options());
   at::Tensor y_buf = at::empty({g.K * nb * L}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t n = std::min(nb, N - n0);
     const at::Tensor col = col_buf.narrow(0, 0, G * CKg * n * L).view({G, CKg, n * L});
-    const at::Tensor y = y_buf.narrow(0, 0, g.K * n * L).view({G, Kg, n * L});
+    // One NCHW image: (K, 1, H_out, W_out) is out[n0] itself, so the GEMM writes there (no copy).
+    const bool direct = n == 1 && out.is_contiguous();
+    const at::Tensor y = (direct ? out.narrow(0, n0, 1).view({-1}) : y_buf.narrow(0, 0, g.K * n * L)).view({G, Kg, n * L});
     k.im2col(xc.narrow(0, n0, n), col, g);
     for (int64_t gi = 0; gi < G; ++gi) {
       at::Tensor yg = y.select(0, gi);
@@ -150,7 +155,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const s
       else at::mm_out(yg, w.select(0, gi), col.select(0, gi));
     }
     // (K, n, H_out, W_out) -> the chunk of out, in out's memory format
-    out.narrow(0, n0, n).copy_(y.view({g.K, n, g.Ho, g.Wo}).permute({1, 0, 2, 3}));
+    if (!direct) out.narrow(0, n0, n).copy_(y.view({g.K, n, g.Ho, g.Wo}).permute({1, 0, 2, 3}));
   }
   return out;
 }
@@ -181,14 +186,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor gx_work = !need_x ? at::Tensor() : grad_x.is_contiguous() ? grad_x : at::empty(x.sizes(), x.options());
     const at::Tensor xc = need_w ? x.contiguous() : at::Tensor();
     const at::Tensor w = weight.contiguous().view({G, Kg, CKg});
-    const int64_t nb = images_per_chunk(g, N, x.element_size());
+    const int64_t nb = images_per_chunk(g, N, x.element_size(), k);
     at::Tensor col_buf = at::empty({G * CKg * nb * L}, x.options());
     at::Tensor dy_buf = at::empty({g.K * nb * L}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
       const int64_t n = std::min(nb, N - n0);
       const at::Tensor col = col_buf.narrow(0, 0, G * CKg * n * L).view({G, CKg, n * L});
-      const at::Tensor dy = dy_buf.narrow(0, 0, g.K * n * L).view({G, Kg, n * L});
-      dy.view({g.K, n, g.Ho, g.Wo}).copy_(grad_out.narrow(0, n0, n).permute({1, 0, 2, 3}));
+      // One NCHW image: grad_out[n0] is already (K, 1*L).
+      const bool direct = n == 1 && grad_out.is_contiguous();
+      const at::Tensor dy =
+          (direct ? grad_out.narrow(0, n0, 1).reshape({-1}) : dy_buf.narrow(0, 0, g.K * n * L)).view({G, Kg, n * L});
+      if (!direct) dy.view({g.K, n, g.Ho, g.Wo}).copy_(grad_out.narrow(0, n0, n).permute({1, 0, 2, 3}));
       if (need_w) {  // dW_g += dY_g · col_gᵀ
         k.im2col(xc.narrow(0, n0, n), col, g);
         for (int64_t gi = 0; gi < G; ++gi) {

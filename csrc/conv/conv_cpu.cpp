@@ -47,7 +47,8 @@ void im2col_cpu(const at::Tensor& x, const at::Tensor& col, const Geom& g) {
           }
           const scalar_t* src = plane + h * g.W;
           std::fill(row, row + lo, scalar_t(0));
-          for (int64_t wo = lo; wo < hi; ++wo) row[wo] = src[wo * g.sw + w_off];
+          if (g.sw == 1) std::copy(src + lo + w_off, src + hi + w_off, row + lo);  // a contiguous copy
+          else for (int64_t wo = lo; wo < hi; ++wo) row[wo] = src[wo * g.sw + w_off];
           std::fill(row + hi, row + g.Wo, scalar_t(0));
         }
       }
@@ -82,7 +83,12 @@ void col2im_cpu(const at::Tensor& col, const at::Tensor& x, const Geom& g) {
               if (h < 0 || h >= g.H) continue;
               acc_t* dst = acc.data() + h * g.W;
               const scalar_t* s = src + ho * g.Wo;
-              for (int64_t wo = lo; wo < hi; ++wo) dst[wo * g.sw + w_off] += static_cast<acc_t>(s[wo]);
+              if (g.sw == 1) {  // contiguous: vectorizes
+                acc_t* d = dst + w_off;
+                for (int64_t wo = lo; wo < hi; ++wo) d[wo] += static_cast<acc_t>(s[wo]);
+              } else {
+                for (int64_t wo = lo; wo < hi; ++wo) dst[wo * g.sw + w_off] += static_cast<acc_t>(s[wo]);
+              }
             }
           }
         }
@@ -94,7 +100,7 @@ void col2im_cpu(const at::Tensor& col, const at::Tensor& x, const Geom& g) {
 }
 
 const Kernels kCpuKernels{at::kCPU, "CPU", &cpu_dtype_ok, "float32, float64 and bfloat16 (not float16)",
-                          &im2col_cpu, &col2im_cpu};
+                          &im2col_cpu, &col2im_cpu, kCpuColBytes};
 
 at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

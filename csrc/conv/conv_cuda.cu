@@ -98,7 +98,7 @@ void col2im_cuda(const at::Tensor& col, const at::Tensor& x, const Geom& g) {
 }
 
 const Kernels kCudaKernels{at::kCUDA, "CUDA", &cuda_dtype_ok, "float32, float16, bfloat16 and float64",
-                           &im2col_cuda, &col2im_cuda};
+                           &im2col_cuda, &col2im_cuda, kCudaColBytes};
 
 at::Tensor conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
