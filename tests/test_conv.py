@@ -148,6 +148,17 @@ def test_cpp_batch_chunks(monkeypatch):
         check_against_oracles("cpp", x, w, b, padding=1)
 
 
+@pytest.mark.parametrize("backend", backends(("cpp",)))
+def test_cpp_backward_op_with_grad_mode_on(backend):
+    """The backward op called while its inputs require grad (as under create_graph=True) still computes the
+    gradients: its internal GEMMs write into buffers, which autograd would refuse."""
+    x, w, g = randn(2, 3, 6, 5, requires_grad=True), randn(4, 3, 3, 3, requires_grad=True), randn(2, 4, 6, 5)
+    gx, gw, _ = op(backend, "conv2d_backward")(g, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, False], "auto")
+    ex, ew = torch.autograd.grad(F.conv2d(x, w, None, 1, 1), (x, w), g)
+    torch.testing.assert_close(gx, ex, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, ew, rtol=1e-4, atol=1e-5)
+
+
 def test_reference_gradcheck():
     for kw, ws in ((dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2), (4, 1, 3, 2)),
                    (dict(padding="same", dilation=(1, 2)), (2, 2, 2, 3))):

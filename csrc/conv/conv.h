@@ -124,6 +124,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const s
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           c10::string_view algo, const Kernels& k) {
   const Geom g = check_args("fusedcnn::conv2d", x, weight, stride, padding, dilation, groups, algo, k);
+  const at::NoGradGuard no_grad;  // internals only (see backward)
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.K, "fusedcnn::conv2d: bias must have shape (", g.K,
@@ -167,6 +168,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask,
     c10::string_view algo, const Kernels& k) {
   const Geom g = check_args("fusedcnn::conv2d_backward", x, weight, stride, padding, dilation, groups, algo, k);
+  // The ATen calls below are this op's internals, not part of any graph (autograd of the conv is the Python
+  // formula): without this, a call with grad mode on (create_graph=True) failed in mm_out.
+  const at::NoGradGuard no_grad;
   const int64_t N = x.size(0), G = g.groups, Kg = g.K / G, CKg = (g.C / G) * g.kh * g.kw, L = g.Ho * g.Wo;
   FUSEDCNN_CHECK_DEVICE(grad_out, k.device);
   TORCH_CHECK(grad_out.device() == x.device(), "fusedcnn::conv2d_backward: grad_out must be on ", x.device());
