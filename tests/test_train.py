@@ -94,6 +94,18 @@ def test_same_seed_same_result_other_seed_other_result():
     assert c["loss_curve"] != a["loss_curve"]
 
 
+def test_resume_on_another_backend(tmp_path):
+    """A checkpoint of a torch-backend run resumes on the reference backend: same keys, parameter order and
+    optimizer state; the weights it starts from are the saved ones."""
+    run(TrainConfig(**SHORT, steps=2, output_dir=str(tmp_path), test=False))  # SHORT: backend torch
+    saved = load_checkpoint(str(tmp_path / "checkpoint.pt"))["model"]
+    starts = []
+    resumed = run(TrainConfig(**{**SHORT, "backend": "reference"}, steps=3, output_dir=str(tmp_path), resume="auto",
+                              test=False), callback=lambda info: starts.append(info["step"]))
+    assert resumed["steps"] == 3 and starts == [3]
+    assert _state_equal(saved, load_checkpoint(str(tmp_path / "checkpoint.pt"))["model"]) != []  # it trained on
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     run(TrainConfig(**SHORT, steps=2, output_dir=str(tmp_path), test=False))
     with pytest.raises(ValueError, match=r"differ from the checkpoint.*\n  lr: checkpoint None, now 0.5"):

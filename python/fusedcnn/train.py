@@ -49,8 +49,10 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}
 FAMILIES = ("conv", "batchnorm", "activation", "pooling", "dropout")
 CHECKPOINT_FORMAT = 1
 # Options that may differ between a run and its --resume (everything else must match the checkpoint).
+# Options a --resume may change. backend too: every backend's model has the same state_dict keys and parameter
+# order (vgg16's fused triton layout included), so a run can go on elsewhere, e.g. on CPU after a GPU run.
 RESUMABLE_CHANGES = {"epochs", "steps", "output_dir", "resume", "progress", "data_root", "download", "log_every",
-                     "checkpoint", "test", "eval_batch_size", "warmup_steps", "device", "threads"}
+                     "checkpoint", "test", "eval_batch_size", "warmup_steps", "device", "threads", "backend"}
 
 
 @dataclass
