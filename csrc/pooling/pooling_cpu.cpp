@@ -315,29 +315,51 @@ void forward_tiled_nchw(const at::Tensor& x, const Args& a, at::Tensor& out, at:
   });
 }
 
+// What both tiled backward layouts read: data pointers, strides (x's only for max), the offsets of a
+// window's taps in x and grad_in, and average pooling's 1/divisor.
+template <typename scalar_t>
+struct TiledBackward {
+  using acc_t = at::opmath_type<scalar_t>;
+  bool is_max;
+  const scalar_t* G;
+  const scalar_t* X;
+  scalar_t* D;
+  at::IntArrayRef gs, ds, xs;
+  std::vector<int64_t> xoff, doff;
+  acc_t inv;
+
+  TiledBackward(const at::Tensor& g, const at::Tensor& x, const Args& a, at::Tensor& grad_in)
+      : is_max(a.kind == Kind::Max),
+        G(g.const_data_ptr<scalar_t>()),
+        X(is_max ? x.const_data_ptr<scalar_t>() : nullptr),
+        D(grad_in.mutable_data_ptr<scalar_t>()),
+        gs(g.strides()),
+        ds(grad_in.strides()),
+        xs(is_max ? x.strides() : grad_in.strides()),
+        xoff(tap_offsets(a, xs)),
+        doff(tap_offsets(a, ds)),
+        inv(acc_t(1) / static_cast<acc_t>(a.divisor != 0 ? a.divisor : a.h.taps * a.w.taps)) {}
+};
+
 // Tiled backward for planes that are not NHWC: one task per (n, c) plane, a row of windows at a time.
 template <typename scalar_t>
 void backward_tiled_nchw(const at::Tensor& g, const at::Tensor& x, const Args& a, at::Tensor& grad_in) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.size(1), kh = a.h.taps, kw = a.w.taps, OH = a.h.out, OW = a.w.out, T = kh * kw;
-  const bool is_max = a.kind == Kind::Max;
-  const scalar_t* G = g.const_data_ptr<scalar_t>();
-  const scalar_t* X = is_max ? x.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* D = grad_in.mutable_data_ptr<scalar_t>();
-  const auto gs = g.strides(), ds = grad_in.strides();
-  const auto xs = is_max ? x.strides() : grad_in.strides();
-  const std::vector<int64_t> xoff = tap_offsets(a, xs), doff = tap_offsets(a, ds);
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(a.divisor != 0 ? a.divisor : T);
+  const int64_t C = g.size(1), kh = a.h.taps, kw = a.w.taps, OH = a.h.out, OW = a.w.out;
+  const TiledBackward<scalar_t> tb(g, x, a, grad_in);
+  const bool is_max = tb.is_max;
+  const auto &gs = tb.gs, &ds = tb.ds, &xs = tb.xs;
   at::parallel_for(0, g.size(0) * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> m(OW), gv(OW);  // per window of the row: max, grad_out (average: / divisor)
     std::vector<int32_t> best(OW);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n = p / C, c = p % C;
-      const scalar_t* gp = G + n * gs[0] + c * gs[1];
-      scalar_t* dp = D + n * ds[0] + c * ds[1];
+      const scalar_t* gp = tb.G + n * gs[0] + c * gs[1];
+      scalar_t* dp = tb.D + n * ds[0] + c * ds[1];
       for (int64_t oh = 0; oh < OH; ++oh) {
-        if (is_max) row_argmax(X + n * xs[0] + c * xs[1], xs, xoff, a, oh, m.data(), best.data());
-        for (int64_t ow = 0; ow < OW; ++ow) gv[ow] = static_cast<acc_t>(gp[oh * gs[2] + ow * gs[3]]) * (is_max ? 1 : inv);
+        if (is_max) row_argmax(tb.X + n * xs[0] + c * xs[1], xs, tb.xoff, a, oh, m.data(), best.data());
+        for (int64_t ow = 0; ow < OW; ++ow)
+          gv[ow] = static_cast<acc_t>(gp[oh * gs[2] + ow * gs[3]]) * (is_max ? acc_t(1) : tb.inv);
         for (int64_t j = 0; j < kh; ++j) {  // input row oh*kh + j, written left to right
           scalar_t* dr = dp + (oh * kh + j) * ds[2];
           for (int64_t ow = 0; ow < OW; ++ow)
@@ -359,14 +381,13 @@ void backward_tiled_nhwc(const at::Tensor& g, const at::Tensor& x, const Args& a
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = g.size(0), C = g.size(1), kh = a.h.taps, kw = a.w.taps, OH = a.h.out, OW = a.w.out;
   const int32_t T = static_cast<int32_t>(kh * kw);
-  const bool is_max = a.kind == Kind::Max;
-  const scalar_t* G = g.const_data_ptr<scalar_t>();
-  const scalar_t* X = is_max ? x.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* D = grad_in.mutable_data_ptr<scalar_t>();
-  const auto gs = g.strides(), ds = grad_in.strides();
-  const auto xs = is_max ? x.strides() : grad_in.strides();
-  const std::vector<int64_t> xoff = tap_offsets(a, xs), doff = tap_offsets(a, ds);
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(a.divisor != 0 ? a.divisor : T);
+  const TiledBackward<scalar_t> tb(g, x, a, grad_in);
+  const bool is_max = tb.is_max;
+  const scalar_t *G = tb.G, *X = tb.X;
+  scalar_t* D = tb.D;
+  const auto &gs = tb.gs, &ds = tb.ds, &xs = tb.xs;
+  const auto &xoff = tb.xoff, &doff = tb.doff;
+  const acc_t inv = tb.inv;
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mbuf(C);
     std::vector<int32_t> bbuf(C);
