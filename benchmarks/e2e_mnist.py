@@ -30,9 +30,11 @@ import torch  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 
-# Runs: name -> (fusedcnn backend, torch.compile?)
-BASELINES = {"torch": ("torch", False), "torch.compile": ("torch", True)}
+# Runs: name -> the TrainConfig options that make it (a fusedcnn backend's run is named after the backend).
+BASELINES = {"torch": dict(backend="torch"), "torch.compile": dict(backend="torch", compile=True)}
 FUSED = ("reference", "cpp", "triton")
+# triton with separate Conv2d / BatchNormReLU2d layers: what the fused ConvBNReLU2d layout (run "triton") buys
+VARIANTS = {"triton-unfused": dict(backend="triton", fused=False)}
 
 PRESETS = {
     # the issue's GPU setting; gpu_run.sh shortens it with --steps
@@ -64,7 +66,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on a CUDA device, else cpu")
-    p.add_argument("--runs", type=csv, help=f"comma list from {', '.join([*BASELINES, *FUSED])} "
+    p.add_argument("--runs", type=csv, help=f"comma list from {', '.join([*BASELINES, *FUSED, *VARIANTS])} "
                                             "(default: torch, torch.compile and every fusedcnn backend here)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dataset", choices=("mnist", "fashion-mnist", "mnist-sample"))
@@ -92,7 +94,7 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one config (JSON) and write metrics
     args = p.parse_args(argv)
-    known = [*BASELINES, *FUSED]
+    known = [*BASELINES, *FUSED, *VARIANTS]
     bad = [r for r in args.runs or [] if r not in known]
     if bad:
         p.error(f"unknown runs: {', '.join(bad)} (choose from {', '.join(known)})")
@@ -118,12 +120,13 @@ def plan_runs(args, preset: dict, device: torch.device) -> tuple[list[str], dict
     """(runs to do, {run: why not}) — torch eager first: it is the baseline."""
     import fusedcnn
     # torch eager first (the baseline), then the fusedcnn backends, torch.compile last (its compilation is long)
-    wanted = args.runs or ["torch", *FUSED, "torch.compile"]
+    wanted = args.runs or ["torch", *FUSED, *VARIANTS, "torch.compile"]
     runs, skipped = [], {}
     for r in wanted:
-        if r in FUSED:
-            why = fusedcnn.backends.unavailable_reason(r, device.type)
-            if why is None and r == "triton" and device.type == "cpu":
+        if r in FUSED or r in VARIANTS:
+            backend = VARIANTS[r]["backend"] if r in VARIANTS else r
+            why = fusedcnn.backends.unavailable_reason(backend, device.type)
+            if why is None and backend == "triton" and device.type == "cpu":
                 why = "Triton on CPU runs only under the interpreter, a test tool"
             if why is None and not args.runs and r in preset["skip"]:
                 why = preset["skip"][r]
@@ -139,9 +142,8 @@ def plan_runs(args, preset: dict, device: torch.device) -> tuple[list[str], dict
 def train_config(name: str, common: dict, compile_mode: str | None):
     """The TrainConfig of run `name`."""
     from fusedcnn.train import TrainConfig
-    backend, compiled = BASELINES.get(name, (name, False))
-    return TrainConfig(**{**common, "backend": backend, "compile": compiled,
-                          "compile_mode": compile_mode if compiled else None})
+    opts = {"compile": False, **BASELINES.get(name, VARIANTS.get(name, dict(backend=name)))}
+    return TrainConfig(**{**common, **opts, "compile_mode": compile_mode if opts["compile"] else None})
 
 
 # ---------------------------------------------------------------- one run

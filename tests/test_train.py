@@ -202,6 +202,14 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path, capsys):
     assert "img_s=" in err and "epoch 0: train loss" in err  # the progress bar and the per-epoch line
 
 
+def test_fused_option():
+    """--unfused asks triton for the separate-layer VGG16; fused=True on another backend is refused."""
+    assert vars(build_parser().parse_args(["--unfused"]))["fused"] is False
+    assert TrainConfig().fused is None  # default: the fused layout exactly when the backend is triton
+    with pytest.raises(ValueError, match="fused=True .* needs backend 'triton', got 'torch'"):
+        TrainConfig(backend="torch", fused=True).validate()
+
+
 def test_cli_help_and_parser_defaults_match_the_config(capsys):
     assert cli.main([]) == 2 and cli.main(["--help"]) == 0
     with pytest.raises(SystemExit) as e:

@@ -52,7 +52,8 @@ CHECKPOINT_FORMAT = 1
 # Options a --resume may change. backend too: every backend's model has the same state_dict keys and parameter
 # order (vgg16's fused triton layout included), so a run can go on elsewhere, e.g. on CPU after a GPU run.
 RESUMABLE_CHANGES = {"epochs", "steps", "output_dir", "resume", "progress", "data_root", "download", "log_every",
-                     "checkpoint", "test", "eval_batch_size", "warmup_steps", "device", "threads", "backend"}
+                     "checkpoint", "test", "eval_batch_size", "warmup_steps", "device", "threads", "backend",
+                     "fused"}
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
     augment: bool = True                     # random rotation +-15 deg, translation up to 10%
     # model
     backend: str = "auto"                    # torch | reference | triton | cpp | auto
+    fused: bool | None = None                # triton's fused Conv+BN+ReLU layout; None: on for backend triton
     width: float = 1.0
     head: str = "classic"                    # classic (224x224) | avgpool | maxpool
     dropout: float = 0.5
@@ -125,6 +127,8 @@ class TrainConfig:
             raise ValueError("batch size must be at least 2: BatchNorm training needs more than one value per channel")
         if not self.width > 0:
             raise ValueError(f"width must be positive, got {self.width}")
+        if self.fused and self.backend != "triton":
+            raise ValueError(f"fused=True (the fused Conv+BN+ReLU layers) needs backend 'triton', got {self.backend!r}")
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.dropout}")
         if self.lr is not None and not self.lr > 0:
@@ -374,7 +378,7 @@ def _run(cfg: TrainConfig, d: _Dist, device: torch.device, show: bool, stop: _St
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     resolutions = cfg.train_resolutions()
 
-    model = vgg16(data.in_channels, data.num_classes, cfg.width, cfg.head, cfg.dropout, cfg.backend)
+    model = vgg16(data.in_channels, data.num_classes, cfg.width, cfg.head, cfg.dropout, cfg.backend, cfg.fused)
     if d.world > 1 and cfg.sync_bn:
         model = convert(model, cfg.backend, sync_bn=True)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
@@ -599,6 +603,9 @@ def build_parser(prog: str = "python -m fusedcnn.train") -> argparse.ArgumentPar
                    help="mixed-resolution training, e.g. 32,48,64 (needs --head avgpool or maxpool)")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--amp", default=c.amp, choices=AMP_MODES)
+    g.add_argument("--unfused", dest="fused", action="store_const", const=False, default=None,
+                   help="with --backend triton: separate Conv2d / BatchNormReLU2d / pool layers instead of the fused "
+                        "ConvBNReLU2d layout (for comparing the two)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", default=c.compile_mode, help="torch.compile mode, e.g. max-autotune")
     g = p.add_argument_group("optimisation")
