@@ -61,33 +61,35 @@ inline int64_t nhwc_chunks(const Geometry& g) {
 // AVX2 and baseline x86-64. ROW = NHWC: per-element coefficient arrays (A[i], B[i], MU[i], i = channel);
 // else NCHW: one channel's run, coefficients A[0], B[0], MU[0].
 
-// Blocks of the NCHW reductions: runs of len values, run r at src + r*stride, cut into blocks of at most
+// Blocks of the NCHW reductions: runs of len values, run r at offset r*stride, cut into blocks of at most
 // kBlock values -- a long run into several blocks, short runs (len < kBlock: the small late VGG layers, HW
 // down to 4) gathered several to a block, so each block pays the horizontal sums and the double merge once.
-// Calls body(block, count) with the block as opmath values in buf (or in place when no copy is needed).
+// For each block, body(load, count) runs once; load(src, buf) returns the block of tensor src (same
+// geometry) as count opmath values: in place when no copy is needed, else gathered/widened into buf.
 // Always inlined, with its body, into the cloned kernels that call it: a call left out of line is compiled
 // for baseline x86-64, and was 4x slower (scalar, with a branch per element).
 template <typename scalar_t, typename opmath_t, typename F>
-__attribute__((always_inline)) inline void for_each_block(const scalar_t* src, int64_t runs, int64_t stride, int64_t len, opmath_t* buf,
-                           const F& body) {
+__attribute__((always_inline)) inline void for_each_block(int64_t runs, int64_t stride, int64_t len, const F& body) {
   if (len >= kBlock) {
     for (int64_t r = 0; r < runs; ++r)
       for (int64_t s0 = 0; s0 < len; s0 += kBlock) {
         const int64_t bl = std::min(kBlock, len - s0);
-        body(widen(src + r * stride + s0, buf, bl), bl);
+        body([&](const scalar_t* src, opmath_t* buf) { return widen(src + r * stride + s0, buf, bl); }, bl);
       }
     return;
   }
   const int64_t per = kBlock / std::max<int64_t>(len, 1);  // runs per block
   for (int64_t r0 = 0; r0 < runs; r0 += per) {
     const int64_t nr = std::min(per, runs - r0);
-    for (int64_t r = 0; r < nr; ++r) {
-      const scalar_t* run = src + (r0 + r) * stride;
-      opmath_t* dst = buf + r * len;
+    auto gather = [&](const scalar_t* src, opmath_t* buf) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const scalar_t* run = src + (r0 + r) * stride;
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<opmath_t>(run[i]);
-    }
-    body(static_cast<const opmath_t*>(buf), nr * len);
+        for (int64_t i = 0; i < len; ++i) buf[r * len + i] = static_cast<opmath_t>(run[i]);
+      }
+      return static_cast<const opmath_t*>(buf);
+    };
+    body(gather, nr * len);
   }
 }
 
@@ -97,7 +99,8 @@ __attribute__((always_inline)) inline void for_each_block(const scalar_t* src, i
 template <typename scalar_t, typename opmath_t>
 FUSEDCNN_CPU_CLONES void stats_runs(const scalar_t* x, int64_t runs, int64_t stride, int64_t len, opmath_t* buf,
                                     double* n, double* mean, double* m2) {
-  for_each_block(x, runs, stride, len, buf, [&](const opmath_t* blk, int64_t bl) __attribute__((always_inline)) {
+  for_each_block<scalar_t, opmath_t>(runs, stride, len, [&](const auto& load, int64_t bl) __attribute__((always_inline)) {
+    const opmath_t* blk = load(x, buf);
     opmath_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < bl; ++i) sum += blk[i];
@@ -153,28 +156,14 @@ FUSEDCNN_CPU_CLONES void apply_elems(const scalar_t* x, scalar_t* y, int64_t run
 
 // NCHW backward reduction over `runs` runs of len values (run r at offset r*stride in g and x), added to
 // s1 += sum(g'), s2 += sum(g' * (x - mu)) in double per block, g' = g * (relu mask recomputed from x).
-// Blocks as for_each_block, g and x gathered alike. gbuf, xbuf: kBlock opmath values each.
+// Blocks as for_each_block. gbuf, xbuf: kBlock opmath values each.
 template <typename scalar_t, typename opmath_t, bool RELU>
 FUSEDCNN_CPU_CLONES void reduce_runs(const scalar_t* g, const scalar_t* x, int64_t runs, int64_t stride, int64_t len,
                                      opmath_t a, opmath_t b, opmath_t mu, opmath_t* gbuf, opmath_t* xbuf, double* s1,
                                      double* s2) {
-  // Walk x's blocks; g's block with the same (run, offset) is gathered into gbuf alongside.
-  int64_t r_next = 0, s_next = 0;  // where the next block starts
-  for_each_block(x, runs, stride, len, xbuf, [&](const opmath_t* xi, int64_t bl) __attribute__((always_inline)) {
-    const opmath_t* gi;
-    if (len >= kBlock) {
-      gi = widen(g + r_next * stride + s_next, gbuf, bl);
-      s_next += bl;
-      if (s_next >= len) s_next = 0, ++r_next;
-    } else {
-      for (int64_t r = 0; r < bl / len; ++r) {
-        const scalar_t* run = g + (r_next + r) * stride;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) gbuf[r * len + i] = static_cast<opmath_t>(run[i]);
-      }
-      r_next += bl / len;
-      gi = gbuf;
-    }
+  for_each_block<scalar_t, opmath_t>(runs, stride, len, [&](const auto& load, int64_t bl) __attribute__((always_inline)) {
+    const opmath_t* xi = load(x, xbuf);
+    const opmath_t* gi = load(g, gbuf);
     opmath_t t1 = 0, t2 = 0;
 #pragma omp simd reduction(+ : t1, t2)
     for (int64_t i = 0; i < bl; ++i) {
