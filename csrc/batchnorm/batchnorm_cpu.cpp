@@ -13,6 +13,8 @@
 //   apply:            read x, write y        2E*s
 //   backward_reduce:  read g, x              2E*s
 //   backward_elemt:   read g, x, write dx    3E*s
+// The one-call training ops (batch_norm_train_forward / _backward, at the end) do stats + apply and
+// reduce + elemt per channel while the channel sits in L2: 2E*s and 3E*s from memory (NCHW, small channels).
 #include "batchnorm/batchnorm.h"
 #include "cpu_vec.h"
 #include <ATen/Dispatch.h>
