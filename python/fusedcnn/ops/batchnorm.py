@@ -100,6 +100,13 @@ register("batch_norm_train_backward", only=("cpp",),
          fake=lambda g, x, *rest: (_fake_like_x(x), *_fake_channel_pair(x)))
 
 
+def _affine_grads(sum_dy, sum_dy_xmu, invstd, weight, bias, need_w, need_b):
+    """(dweight, dbias) from the backward reduction: dweight = sum_dy_xmu * invstd, dbias = sum_dy (None if not needed)."""
+    dw = (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None
+    db = sum_dy.to(bias.dtype) if need_b else None
+    return dw, db
+
+
 # ---- autograd over the compiled ops (one Function: sync BN needs collectives between the kernels)
 class _BatchNormApply(torch.autograd.Function):
     """y = relu?((x - mean) * invstd * weight + bias); when `training`, mean/invstd are x's batch statistics
@@ -122,10 +129,7 @@ class _BatchNormApply(torch.autograd.Function):
         if ctx.training or need_w or need_b:  # pass 1: per-channel reduction
             sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_backward_reduce")(
                 grad_out, x, mean, invstd, weight, bias, ctx.relu)
-            if need_w:
-                dw = (sum_dy_xmu * invstd).to(weight.dtype)
-            if need_b:
-                db = sum_dy.to(bias.dtype)
+            dw, db = _affine_grads(sum_dy, sum_dy_xmu, invstd, weight, bias, need_w, need_b)
         if need_x:
             if ctx.training and ctx.group is not None:  # local dweight/dbias stay local, as torch.nn.SyncBatchNorm
                 both = torch.cat([sum_dy, sum_dy_xmu])
@@ -162,10 +166,8 @@ class _BatchNormTrain(torch.autograd.Function):
         elif need_w or need_b:
             sum_dy, sum_dy_xmu = op("cpp", "batch_norm_backward_reduce")(grad_out, x, mean, invstd, weight, bias,
                                                                          ctx.relu)
-        if need_w:
-            dw = (sum_dy_xmu * invstd).to(weight.dtype)
-        if need_b:
-            db = sum_dy.to(bias.dtype)
+        if need_w or need_b:
+            dw, db = _affine_grads(sum_dy, sum_dy_xmu, invstd, weight, bias, need_w, need_b)
         return dx, dw, db, None, None
 
 
