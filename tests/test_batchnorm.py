@@ -325,7 +325,10 @@ def test_state_dict_and_repr_match_torch():
         assert torch.equal(ours.running_mean, theirs.running_mean)
         theirs2 = torch.nn.BatchNorm2d(5, eps=1e-3, momentum=None)
         theirs2.load_state_dict(ours.state_dict())
-        assert isinstance(ours, torch.nn.BatchNorm2d)
+    assert isinstance(fusedcnn.nn.BatchNorm2d(5), torch.nn.BatchNorm2d)
+    # BatchNormReLU2d also applies a ReLU: torch's BatchNorm rewrites (convert_sync_batchnorm, fusers) must not
+    # mistake it for a BatchNorm and strip the ReLU.
+    assert not isinstance(fusedcnn.nn.BatchNormReLU2d(5), torch.nn.modules.batchnorm._BatchNorm)
     assert repr(fusedcnn.nn.BatchNorm2d(5, eps=1e-3, momentum=None)) == repr(theirs)
 
 

@@ -1,4 +1,5 @@
-"""fusedcnn.convert(): layer replacement, BatchNorm+ReLU fusion, weights/buffers/mode kept, outputs unchanged."""
+"""fusedcnn.convert(): layer replacement, Sequentials that fuse (FusedSequential), weights/buffers/mode kept, outputs
+unchanged, torch's own module rewrites still correct."""
 import copy
 
 import pytest
@@ -32,9 +33,7 @@ def _small_net():
 
 
 def _no_torch_layers_left(model):
-    inside_fused = {name for name, m in model.named_modules() if type(m) is fnn.ConvBNReLU2d}  # holds conv, bn
-    left = [name for name, m in model.named_modules()
-            if type(m) in TORCH_LAYERS and name.rpartition(".")[0] not in inside_fused]
+    left = [name for name, m in model.named_modules() if type(m) in TORCH_LAYERS]
     assert not left, f"still torch.nn layers: {left}"
 
 
@@ -70,10 +69,13 @@ def test_small_net_layers_fusion_and_state():
     new = convert(model, backend="torch")
     assert new is model  # in place
     assert new[0].weight is weight  # the same Parameter: an optimizer built earlier still works
-    assert list(new.state_dict()) == keys  # BatchNormReLU2d keeps BatchNorm2d's keys; Identity has none
-    assert type(new[1]) is fnn.BatchNormReLU2d and type(new[2]) is nn.Identity
-    assert type(new[5]) is fnn.BatchNormReLU2d and new[5].momentum is None and type(new[6]) is nn.Identity
-    assert type(new[9]) is fnn.BatchNorm2d  # not followed by a ReLU
+    assert list(new.state_dict()) == keys  # nothing renamed, nothing replaced by a fused module
+    assert [n for n, _ in new.named_parameters()] == [k for k in keys if k.endswith(("weight", "bias"))]
+    assert type(new) is fnn.FusedSequential  # the Sequential's class swapped: it runs its fusable runs fused
+    assert new.fused_runs() == [("conv_bn_relu_maxpool", ["0", "1", "2", "3"]), ("conv_bn_relu", ["4", "5", "6"])]
+    assert type(new[1]) is fnn.BatchNorm2d and type(new[2]) is fnn.ReLU  # a BatchNorm stays a BatchNorm
+    assert type(new[5]) is fnn.BatchNorm2d and new[5].momentum is None
+    assert type(new[9]) is fnn.BatchNorm2d
     assert type(new[0]) is fnn.Conv2d and new[4].stride == (2, 2) and new[4].bias is None
     assert type(new[7]) is fnn.AvgPool2d and new[7].ceil_mode
     assert type(new[10]) is fnn.AdaptiveAvgPool2d and new[10].output_size == (2, 3)
@@ -100,7 +102,7 @@ def test_keeps_dtype_and_device():
     assert out.dtype == torch.float64
 
 
-def test_no_fusion_where_the_relu_is_shared_or_order_is_not_proven():
+def test_shared_modules_stay_shared_and_custom_forwards_are_not_fused():
     relu = nn.ReLU()
     shared = nn.Sequential(nn.BatchNorm2d(4), relu, nn.BatchNorm2d(4), relu)  # one ReLU module used twice
 
@@ -115,7 +117,7 @@ def test_no_fusion_where_the_relu_is_shared_or_order_is_not_proven():
     new = convert(model, backend="torch")
     assert [type(m) for m in new[0]] == [fnn.BatchNorm2d, fnn.ReLU, fnn.BatchNorm2d, fnn.ReLU]
     assert new[0][1] is new[0][3]  # still one shared module
-    assert [type(m) for m in new[1]] == [fnn.BatchNorm2d, fnn.ReLU]
+    assert type(new[1]) is Custom and [type(m) for m in new[1]] == [fnn.BatchNorm2d, fnn.ReLU]
     torch.testing.assert_close(new(x), expect, rtol=0, atol=0)
 
 
@@ -136,12 +138,15 @@ def test_converting_a_single_layer_returns_it_converted():
 
 
 def test_sync_bn():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2),
+                          fnn.BatchNormReLU2d(2))
     new = convert(model, backend="torch", sync_bn=True)
-    assert type(new[1]) is fnn.BatchNormReLU2d and new[1].sync
-    assert type(new[3]) is nn.SyncBatchNorm  # fusedcnn has no unfused synchronized BatchNorm
+    assert type(new[1]) is nn.SyncBatchNorm and type(new[2]) is fnn.ReLU  # fusedcnn has no synchronized BatchNorm2d
+    assert type(new[3]) is nn.SyncBatchNorm
+    assert type(new[4]) is fnn.BatchNormReLU2d and new[4].sync
+    assert type(new) is nn.Sequential  # nothing left to fuse: synchronized statistics never join a fused run
     again = convert(new, backend="reference")  # sync survives a backend switch
-    assert again[1].sync and again[1].backend == "reference"
+    assert again[4].sync and again[4].backend == "reference" and type(again[1]) is nn.SyncBatchNorm
 
 
 def _conv_net():
@@ -152,11 +157,11 @@ def _conv_net():
         nn.Flatten(), nn.Linear(6 * 2 * 2, 5), nn.ReLU(), nn.Dropout(0.0), nn.Linear(5, 3))
 
 
-@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_triton_fuses_conv_bn_relu_and_linear(backend, train):
-    """convert(backend="triton"): ConvBNReLU2d / LinearReLUDropout in the slot layout, the parent Sequential a
-    FusedSequential (in place); same tensors, keys and mode; output, gradients and running stats as torch's."""
+def test_every_backend_fuses_conv_bn_relu_and_linear(backend, train):
+    """convert(): the parent Sequential becomes a FusedSequential (in place) whose runs are fused on every backend;
+    same tensors, keys and mode; output, gradients and running stats as torch's unfused layers."""
     torch.manual_seed(0)
     model = _conv_net()
     with torch.no_grad():
@@ -165,34 +170,78 @@ def test_triton_fuses_conv_bn_relu_and_linear(backend, train):
         model.train()(torch.randn(4, 3, 4, 4))  # running statistics off their initial values
     keys, weight = list(model.state_dict()), model[0].weight
     new = _compare(model, torch.randn(2, 3, 4, 4), backend, train)
-    ident = nn.Identity
     assert type(new) is fnn.FusedSequential and [type(m) for m in new] == [
-        fnn.ConvBNReLU2d, ident, ident, fnn.ConvBNReLU2d, ident, ident, fnn.MaxPool2d, nn.Flatten,
-        fnn.LinearReLUDropout, ident, ident, nn.Linear]
-    assert list(new.state_dict()) == keys and new[8].p == 0.0
-    assert [type(new[0].conv), type(new[0].bn)] == [nn.Conv2d, nn.BatchNorm2d]
-    same = convert(model, backend="triton")  # in place: the very same Parameters
-    assert same is model and same[0].conv.weight is weight
+        fnn.Conv2d, fnn.BatchNorm2d, fnn.ReLU, fnn.Conv2d, fnn.BatchNorm2d, fnn.ReLU, fnn.MaxPool2d, nn.Flatten,
+        nn.Linear, fnn.ReLU, fnn.Dropout, nn.Linear]
+    assert new.fused_runs() == [("conv_bn_relu", ["0", "1", "2"]), ("conv_bn_relu_maxpool", ["3", "4", "5", "6"]),
+                                ("linear_relu_dropout", ["8", "9", "10"])]
+    assert list(new.state_dict()) == keys
+    same = convert(model, backend=backend)  # in place: the very same Parameters
+    assert same is model and same[0].weight is weight
 
 
-def test_triton_fusion_round_trip_and_sync_bn():
-    """Another backend splits the fused layers back (same slots and keys); sync_bn=True never conv-fuses."""
+def test_backend_switch_and_sync_bn_keep_the_structure():
+    """Converting again only changes each layer's backend; sync_bn=True takes the BatchNorms out of the fused runs."""
     model = _conv_net()
     keys = list(model.state_dict())
-    convert(model, backend="triton")
+    convert(model, backend="cpp")
     back = convert(model, backend="torch")
-    assert type(back) is nn.Sequential and [type(m) for m in back][:6] == [
-        fnn.Conv2d, fnn.BatchNormReLU2d, nn.Identity, fnn.Conv2d, fnn.BatchNormReLU2d, nn.Identity]
-    assert [type(m) for m in back][8:11] == [nn.Linear, fnn.ReLU, nn.Identity]  # p=0: no Dropout needed
+    assert type(back) is fnn.FusedSequential and {m.backend for m in back if hasattr(m, "backend")} == {"torch"}
     assert list(back.state_dict()) == keys
-    synced = convert(convert(_conv_net(), backend="triton"), backend="triton", sync_bn=True)
-    assert type(synced) is nn.Sequential and type(synced[0]) is fnn.Conv2d
-    assert type(synced[1]) is fnn.BatchNormReLU2d and synced[1].sync and synced[1].backend == "triton"
-    assert type(synced[8]) is fnn.LinearReLUDropout  # no BatchNorm: stays fused
-    plain = convert(_conv_net(), backend="triton", sync_bn=True)
-    assert [type(m) for m in plain][:3] == [fnn.Conv2d, fnn.BatchNormReLU2d, nn.Identity] and plain[1].sync
-    with pytest.raises(ValueError, match="outside the fused slot layout"):
-        convert(fnn.ConvBNReLU2d(2, 2, 3), backend="torch")
+    synced = convert(_conv_net(), backend="reference", sync_bn=True)
+    assert type(synced[1]) is nn.SyncBatchNorm and type(synced[0]) is fnn.Conv2d
+    assert synced.fused_runs() == [("linear_relu_dropout", ["8", "9", "10"])]  # no BatchNorm: stays fused
+    fused_module = convert(fnn.ConvBNReLU2d(2, 2, 3, backend="cpp"), backend="torch")
+    assert {m.backend for m in fused_module} == {"torch"} and fused_module.fused_runs()
+
+
+# ---------------------------------------------------------------- torch's module rewrites and hooks still hold
+def _trained_conv_net(backend):
+    torch.manual_seed(0)
+    model = _conv_net()
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 4, 4))
+    return convert(model, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_convert_sync_batchnorm_keeps_the_function(backend):
+    """SyncBatchNorm.convert_sync_batchnorm replaces the BatchNorms of a converted model; the ReLUs after them stay
+    (a BatchNorm module computes BatchNorm and nothing more), so the function is unchanged."""
+    model = _trained_conv_net(backend)
+    x = torch.randn(2, 3, 4, 4)
+    for train in (False, True):
+        expect = copy.deepcopy(model).train(train)(x)
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).train(train)
+        assert sum(type(m) is nn.SyncBatchNorm for m in synced.modules()) == 2
+        assert_close(synced(x), expect, scale=20, msg=f"train={train}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_fuse_conv_bn_eval_keeps_the_function(backend):
+    model = _trained_conv_net(backend).eval()
+    x = torch.randn(2, 3, 4, 4)
+    folded = torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])
+    assert_close(torch.relu(folded(x)), model[:3](x), scale=20)
+    assert_close(model[2](folded(x)), nn.Sequential(model[0], model[1], model[2])(x), scale=20)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_forward_hooks_on_fused_layers_fire(backend):
+    model = _trained_conv_net(backend).eval()
+    x = torch.randn(2, 3, 4, 4)
+    expect = model(x)
+    seen = []
+    handles = [model[2].register_forward_hook(lambda m, i, o: seen.append(("relu", o.shape))),
+               model[3].register_forward_pre_hook(lambda m, i: seen.append(("conv", i[0].shape)))]
+    out = model(x)
+    assert seen == [("relu", (2, 4, 4, 4)), ("conv", (2, 4, 4, 4))]  # both runs ran unfused, hooks and all
+    assert_close(out, expect, scale=20)
+    for h in handles:
+        h.remove()
+    seen.clear()
+    model(x)
+    assert not seen
 
 
 def test_bad_arguments():
@@ -224,11 +273,13 @@ def vgg11_bn():
 def test_torchvision_vgg11_bn(vgg11_bn, backend, train):
     torch.manual_seed(0)
     model = copy.deepcopy(vgg11_bn)
-    # Dropout p=0: masks differ between backends by design (DESIGN.md); everything else must match
+    # Dropout p=0: masks differ between torch and the other backends by design; everything else must match
     new = _compare(model, torch.randn(2, 3, 32, 32), backend, train, scale=50)
-    fused = [m for m in new.features if type(m) is fnn.BatchNormReLU2d]
-    assert len(fused) == 8 and not any(type(m) is fnn.BatchNorm2d for m in new.modules())
+    runs = new.features.fused_runs()
+    assert [name for name, _ in runs] == ["conv_bn_relu_maxpool"] * 2 + ["conv_bn_relu", "conv_bn_relu_maxpool"] * 3
+    assert sum(type(m) is fnn.BatchNorm2d for m in new.modules()) == 8
     assert [type(m) for m in new.classifier][1:3] == [fnn.ReLU, fnn.Dropout]
+    assert [name for name, _ in new.classifier.fused_runs()] == ["linear_relu_dropout"] * 2
 
 
 @pytest.mark.parametrize("backend", backend_params(("torch", "reference", "cpp")))
@@ -239,8 +290,8 @@ def test_torchvision_resnet18(backend, train):
     with torch.no_grad():
         model.train()(torch.randn(2, 3, 64, 64))
     new = _compare(model, torch.randn(2, 3, 64, 64), backend, train, scale=50)
-    # ResNet calls its ReLUs from forward() (BasicBlock reuses self.relu): nothing provably BN->ReLU
-    assert not any(type(m) is fnn.BatchNormReLU2d for m in new.modules())
+    # ResNet calls its ReLUs from forward() (BasicBlock reuses self.relu): no Sequential holds a fusable run
+    assert not any(type(m) is fnn.FusedSequential for m in new.modules())
     assert sum(type(m) is fnn.BatchNorm2d for m in new.modules()) == 20
     assert type(new.layer1[0].relu) is fnn.ReLU and type(new.maxpool) is fnn.MaxPool2d
     assert type(new.avgpool) is fnn.AdaptiveAvgPool2d

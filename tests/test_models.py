@@ -120,7 +120,7 @@ def test_in_channels_and_wrong_input_channels():
 
 def test_backend_flows_into_every_layer():
     m = vgg16(head="maxpool", width=1 / 16, backend="reference")
-    layers = [x for x in m.modules() if type(x) in FNN_TYPES]
+    layers = [x for x in m.modules() if type(x) in FNN_TYPES and not isinstance(x, fnn.FusedSequential)]
     assert len(layers) == 13 + 13 + 5 + 1 + 2 + 2  # conv, bn+relu, pools, global pool, relu, dropout
     assert {x.backend for x in layers} == {"reference"}
 
@@ -168,12 +168,12 @@ def test_convert_switches_an_existing_model_to_another_backend():
     assert len(_layers(m, fnn.BatchNormReLU2d)) == 13
 
 
-# ---------------------------------------------------------------- fused layout (backend="triton")
+# ---------------------------------------------------------------- fused (FusedSequential) vs unfused (nn.Sequential)
 def _fused_pair(**kwargs):
     """(unfused torch VGG16, fused triton VGG16) built from the same seed."""
     kwargs = {"width": 1 / 16, "head": "avgpool", **kwargs}
     torch.manual_seed(0)
-    ref = vgg16(backend="torch", **kwargs)
+    ref = vgg16(backend="torch", fused=False, **kwargs)
     torch.manual_seed(0)
     return ref, vgg16(backend="triton", **kwargs)
 
@@ -181,20 +181,21 @@ def _fused_pair(**kwargs):
 def test_fused_layout_same_slots_weights_keys_and_parameter_order():
     ref, m = _fused_pair(dropout=0.3)
     assert not ref.fused and m.fused
-    assert type(m.features) is fnn.FusedSequential and len(m.features) == len(ref.features)
-    for a, b in zip(ref.features, m.features):  # same slots: ConvBNReLU2d at the conv's, Identity at the BN's
-        expect = {fnn.Conv2d: fnn.ConvBNReLU2d, fnn.BatchNormReLU2d: nn.Identity, fnn.MaxPool2d: fnn.MaxPool2d}
-        assert type(b) is expect[type(a)]
-    assert [type(x) for x in m.classifier] == [nn.Flatten, fnn.LinearReLUDropout, nn.Identity, nn.Identity,
-                                              fnn.LinearReLUDropout, nn.Identity, nn.Identity, nn.Linear]
-    assert m.classifier[1].p == 0.3
+    assert type(m.features) is fnn.FusedSequential and type(ref.features) is nn.Sequential
+    assert [type(a) for a in ref.features] == [type(b) for b in m.features]  # the same modules, unchanged
+    assert [type(a) for a in ref.classifier] == [type(b) for b in m.classifier]
+    assert [name for name, _ in m.features.fused_runs()] == ["conv_bn_relu", "conv_bn_relu_maxpool"] * 2 + \
+        ["conv_bn_relu", "conv_bn_relu", "conv_bn_relu_maxpool"] * 3
+    assert m.classifier.fused_runs() == [("linear_relu_dropout", ["1", "2", "3"]),
+                                         ("linear_relu_dropout", ["4", "5", "6"])]
+    assert m.classifier[3].p == 0.3
     # same seed, same initial weights, keys and order (state_dict and parameters)
     sa, sb = ref.state_dict(), m.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [p.shape for p in ref.parameters()] == [p.shape for p in m.parameters()]
     assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), m.parameters()))
-    assert [n for n, _ in m.named_parameters()][:3] == ["features.0.conv.weight", "features.0.bn.weight",
-                                                       "features.0.bn.bias"]
+    assert [n for n, _ in m.named_parameters()][:3] == ["features.0.weight", "features.1.weight", "features.1.bias"]
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
 
 def _perturb(model):
@@ -233,10 +234,14 @@ def test_fused_state_dict_and_optimizer_state_load_both_ways(direction):
         assert torch.equal(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
 
 
-def test_fused_needs_the_triton_backend():
-    with pytest.raises(ValueError, match="fused=True needs backend='triton'"):
-        vgg16(width=1 / 16, backend="torch", fused=True)
-    assert type(vgg16(width=1 / 16, backend="triton", fused=False).features) is nn.Sequential
+def test_fused_is_independent_of_the_backend():
+    """(Was test_fused_needs_the_triton_backend.) Every backend implements the fused runs: fused=True builds
+    FusedSequential containers for any backend, fused=False plain ones, the same modules either way."""
+    for backend in ("torch", "reference", "cpp", "triton", "auto"):
+        fused, plain = vgg16(width=1 / 16, backend=backend), vgg16(width=1 / 16, backend=backend, fused=False)
+        assert type(fused.features) is fnn.FusedSequential and type(plain.features) is nn.Sequential
+        assert list(fused.state_dict()) == list(plain.state_dict())
+    assert vgg16(width=1 / 16, fused=None).fused  # None (earlier configs' default) means fused
 
 
 @pytest.mark.parametrize("backend", backend_params(("triton",)))

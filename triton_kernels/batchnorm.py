@@ -212,7 +212,7 @@ def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SD
 def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, MEAN_ptr, A_ptr, B_ptr, K1_ptr, K2_ptr, K3_ptr,
                               P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                               RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = k1 * g' + k2 * (x - mean) + k3 (per-channel k: see bn_backward_elemt); dx has x's strides."""
+    """dx = k1 * g' + k2 * (x - mean) + k3 (per-channel k: see batch_norm_backward_elemt); dx has x's strides."""
     q = tl.program_id(0)
     cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
     mean = _load_channel_vec(MEAN_ptr, cols, cmask, BLOCK_C)
@@ -315,7 +315,7 @@ def _like_x(x: torch.Tensor) -> torch.Tensor:
     return new_output(x.shape, x, memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
 
 
-def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) -> (mean, biased var): (C,) float32."""
     x = _check_x(x)
     c = x.shape[1]
@@ -334,7 +334,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def bn_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
+def batch_norm_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
     """y = relu?((x - mean) * invstd * weight + bias): x's shape, dtype and memory format."""
     x = _check_x(x)
     mean, _, a, b = _coefs(x, mean, invstd, weight, bias)
@@ -345,7 +345,7 @@ def bn_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
     return y
 
 
-def bn_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_norm_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_dy, sum_dy_xmu): (C,) float32 over the ReLU-masked grad_out."""
     x = _check_x(x)
     g = _grad_like(grad_out, x)
@@ -360,7 +360,7 @@ def bn_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bool) -> t
     return psdy.sum(0), psdyx.sum(0)
 
 
-def bn_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count: float,
+def batch_norm_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count: float,
                       relu: bool) -> torch.Tensor:
     """dx = k1 * g' + k2 * (x - mean) + k3 with k1 = weight * invstd and, in training (sum_dy given),
     k2 = -k1 * invstd^2 * sum_dy_xmu / count, k3 = -k1 * sum_dy / count (else k2 = k3 = 0)."""

@@ -1,10 +1,12 @@
-"""Conv2d kernels: implicit GEMM (forward, dgrad, wgrad), explicit im2col + GEMM, bias and bias gradient.
+"""Conv2d kernels: implicit GEMM (forward, dgrad, wgrad), explicit im2col + GEMM, bias and bias gradient, and the
+fused Conv2d + BatchNorm statistics / BatchNorm+ReLU prologue that the same implicit-GEMM kernels run when their
+constexpr hooks are on.
 
 Tensors (any strides: x and grad_out, NCHW or channels_last, are read in place, never copied; the small
 weight is handed to the kernels channels_last, a no-op when it already is, see _kernel_weight):
     x:        (N, C_in, H, W)                float32|float16|bfloat16
     weight:   (C_out, C_in/groups, KH, KW)   same dtype
-    bias:     (C_out,) or None               same dtype
+    bias:     (C_out,) or None               same dtype (conv2d) | float32 (conv_bn_relu)
     y, grad_out: (N, C_out, P, Q)            P = (H + 2*ph - dh*(KH-1) - 1) // sh + 1, Q likewise
 Accumulation is always float32; float32 inputs go through TF32 tensor cores exactly when
 torch.backends.cudnn.allow_tf32 is True (as cuDNN does), else through IEEE fp32 dot products.
@@ -33,26 +35,42 @@ Implicit-GEMM K loops come in two modes (constexpr MODE):
                     (VGG's first layer, Cg = 3, Kg = 27) where a tiled K-tile would be mostly padding.
     MODE 2 "col":   the operand is read from the explicit im2col buffer (algo="im2col").
 Pixel counts (N*P*Q, N*H*W) must stay below 2**31; every memory offset is int64.
+
+Fusion hooks (constexpr, in the manner of the Triton matmul tutorial's ACTIVATION; all False for conv2d, whose
+kernels then compile to exactly the code they had without hooks). They serve conv_bn_relu, where a conv writes
+only its raw output y = conv(a) + bias and the BatchNorm + ReLU of the layer, relu(y*scale + shift), is applied by
+the NEXT conv while it loads y (cuDNN's runtime fusion "scale-bias-ReLU prologue, statistics epilogue"):
+    PROLOGUE     forward, wgrad: the x operand is a = relu(x*S[c] + T[c]) (S, T float32 per input channel);
+                 padding taps stay 0 (zero padding applies to a, as in conv(relu(bn(y))));
+                 dgrad: its backward in the epilogue, dL/dx = dL/da * [x*S+T > 0] * S, plus per-tile partial
+                 sums of dL/dS = sum(dL/dpre * x) and dL/dT = sum(dL/dpre) (pre = x*S + T).
+    STATS        forward: each output tile writes its per-channel sum and CENTRED sum of squares
+                 M2 = sum((y - tile_mean)^2) of the stored (rounded) y to (tiles, C_out) float32 partials;
+                 a tiny deterministic combine (Chan et al.'s parallel variance, _combine_stats) gives the batch
+                 mean and biased variance. No atomics: their sum order would change from run to run, and an
+                 uncentred sum of squares in fp32 cancels catastrophically when |mean| >> std.
+    GRAD_AFFINE  dgrad, wgrad: the gradient operand is g' = g + GA[co]*y + GB[co], the gradient that reaches y
+                 through the batch mean and variance (GA = 2*dL/dvar / M, GB = dL/dmean / M - GA*mean).
+    DBIAS        wgrad: also reduce the gradient operand's row sums (dL/dbias of the fused conv) per split.
+The statistics partials are indexed by the tile row pid_m, so their count depends on the autotuned BLOCK_M:
+the launchers allocate for the smallest BLOCK_M of the configurations and read the chosen one back from the
+autotuner (best_config) after the launch.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, is_channels_last, new_output
+from ._common import (INTERPRET, bn_relu, check_device, check_tensor, check_vector, dense_format, device_guard,
+                      is_channels_last, mma, new_output, pixel_offsets, relu_passes, split_pixels, tile_ids)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ALGOS = ("auto", "implicit_gemm", "im2col")
 MODE_TILED, MODE_FLAT, MODE_COL = 0, 1, 2
 _FLAT_BELOW = 16  # Cg below this: a (kh, kw, channel-block) K-tile would be mostly padding -> MODE_FLAT
 _INT32_MAX = 2**31 - 1
-# The interpreter's tl.dot mis-reads bfloat16 operands (Triton 3.8): there, operands are widened to fp32
-# first (exact: a 16-bit float product fits fp32, which is also what the tensor cores compute).
-_WIDEN_DOT = tl.constexpr(_INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,14 +78,15 @@ _WIDEN_DOT = tl.constexpr(_INTERPRET)
 # Hopper (H100/H200, 228 KB smem, wgmma): big 128x128 / 128x256 / 256x128 tiles, BLOCK_K 64, 3 stages,
 # 8 warps. Ampere (A100, 164 KB smem): 128x128 / 128x64 tiles, BLOCK_K 32, 4 stages, 4 warps.
 # BLOCK_N 64 variants serve C_out = 64 (VGG's first block). Under TRITON_INTERPRET=1 one small config
-# (the interpreter is slow and ignores warps and stages).
+# (the interpreter is slow and ignores warps and stages). Every kernel (hooks on or off) prunes them the
+# same way: tiles far wider than the problem, and tiles whose pipeline cannot fit the device's shared memory.
 # ----------------------------------------------------------------------------------------------------
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                          num_warps=warps, num_stages=stages)
 
 
-if _INTERPRET:
+if INTERPRET:
     _GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1, group_m=2)]
 else:
     _GEMM_CONFIGS = [
@@ -83,23 +102,40 @@ else:
         _cfg(128, 64, 32, 4, 4),
         _cfg(64, 64, 32, 4, 4),
     ]
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)   # sizes the per-tile statistics partials
 
 
-def _prune_by(m_arg: str | None, n_arg: str):
-    """Drop tiles far wider than the problem (e.g. BLOCK_N 256 for C_out = 64); keep at least one."""
+def pipeline_smem_bytes(config: triton.Config, elem_size: int) -> int:
+    """Shared memory a config's software pipeline holds: num_stages copies of the A (BLOCK_M x BLOCK_K) and
+    B (BLOCK_K x BLOCK_N) tiles. scripts/compile_check.py compares this with what Triton allocates."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_size
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device: torch.device) -> int:
+    """Shared memory one block may use on device (opt-in maximum: H100 232,448 B, A100 166,912 B)."""
+    if device.type != "cuda":
+        return 1 << 62   # the interpreter has no such limit
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _prune(m_arg: str | None, n_arg: str | None = None, ptr_arg: str = "X_ptr"):
+    """Drop tiles far wider than the problem (e.g. BLOCK_N 256 for C_out = 64) and tiles whose pipeline does
+    not fit the device's shared memory (fp32 operands need twice the bytes of 16-bit ones); keep at least one."""
     def prune(configs, named_args, **kwargs):
-        n = max(16, triton.next_power_of_2(int(named_args[n_arg])))
+        if n_arg is None:   # wgrad: (kh, kw, channel block) columns in MODE 0, so the channel count bounds BLOCK_N
+            n_name = "Cg" if kwargs.get("MODE", MODE_TILED) == MODE_TILED else "Kg"
+        else:
+            n_name = n_arg
+        n = max(16, triton.next_power_of_2(int(named_args[n_name])))
         m = max(16, triton.next_power_of_2(int(named_args[m_arg]))) if m_arg else None
-        kept = [c for c in configs
-                if c.kwargs["BLOCK_N"] <= n and (m is None or c.kwargs["BLOCK_M"] <= m)]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        t = named_args[ptr_arg]
+        limit = _smem_limit(t.device)
+        fits = [c for c in configs if pipeline_smem_bytes(c, t.element_size()) <= limit] or configs
+        kept = [c for c in fits if c.kwargs["BLOCK_N"] <= n and (m is None or c.kwargs["BLOCK_M"] <= m)]
+        return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
-
-
-def _prune_wgrad(configs, named_args, **kwargs):
-    """wgrad columns: (kh, kw, channel block) tiles in MODE 0, so the channel count bounds BLOCK_N there."""
-    n_arg = "Cg" if kwargs.get("MODE", MODE_TILED) == MODE_TILED else "Kg"
-    return _prune_by("Cout_g", n_arg)(configs, named_args, **kwargs)
 
 
 def _even(dim: str, block: str):
@@ -107,66 +143,79 @@ def _even(dim: str, block: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared device helpers
+# Hook pieces (inlined; each runs only under its constexpr)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped tile order: GROUP_M row tiles walk the column tiles together, so the weight tiles (and
-    the overlapping input rows) they share are still in L2 when the neighbours need them."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
+def _load_pair(S_ptr, T_ptr, ch, ok):
+    """(S[ch], T[ch]) as float32, 0 where not ok: a per-channel (scale, shift) or (alpha, beta) pair."""
+    return tl.load(S_ptr + ch, mask=ok, other=0.0), tl.load(T_ptr + ch, mask=ok, other=0.0)
 
 
 @triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr):
-    """acc += a @ b with fp32 accumulation (TF32 or IEEE for fp32 operands, per PREC)."""
-    if _WIDEN_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PREC)
+def _normalize(v, s, t, mask):
+    """PROLOGUE on an operand tile: relu(v*s + t) where mask (a live tap), 0 elsewhere (zero padding applies to
+    the normalized value), rounded back to v's dtype for the tensor cores. s, t broadcast against v."""
+    return tl.where(mask, bn_relu(v, s, t), 0.0).to(v.dtype)
 
 
 @triton.jit
-def _split_pixels(m, HW, W):
-    """Flat pixel index m -> (image, row, column) for an (N, H, W) grid."""
-    img = m // HW
-    hw = m - img * HW
-    h = hw // W
-    return img, h, hw - h * W
+def _grad_affine(g, yv, ga, gb, mask):
+    """GRAD_AFFINE on a gradient tile: g + ga*y + gb where mask, 0 elsewhere, in g's dtype."""
+    return tl.where(mask, g.to(tl.float32) + ga * yv.to(tl.float32) + gb, 0.0).to(g.dtype)
 
 
 @triton.jit
-def _pixel_offsets(img, h, w, s_n, s_h, s_w):
-    """int64 element offset of pixel (img, h, w) in a tensor with strides (s_n, ., s_h, s_w)."""
-    return img.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+def _stats_partials(y, row_ok, pid_m, count, cols, col_ok, C, PSUM_ptr, PM2_ptr):
+    """STATS epilogue: the tile's per-channel sum and centred M2 of y (rows where row_ok; count of them) into
+    row pid_m of the (tiles, C) float32 partials, at columns cols."""
+    v = tl.where(row_ok[:, None], y.to(tl.float32), 0.0)
+    tile_sum = tl.sum(v, axis=0)
+    d = tl.where(row_ok[:, None], v - (tile_sum / count)[None, :], 0.0)
+    part = pid_m.to(tl.int64) * C + cols
+    tl.store(PSUM_ptr + part, tile_sum, mask=col_ok)
+    tl.store(PM2_ptr + part, tl.sum(d * d, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _normalize_backward(acc, X_ptr, x_offs, S_ptr, T_ptr, PDS_ptr, PDT_ptr, ch, ch_ok, row_ok, pid_m, C):
+    """PROLOGUE's backward in the dgrad epilogue: acc holds dL/da for the tile's input pixels (rows) and
+    channels ch (columns). Recomputes pre = x*S + T, returns dL/dx = dL/da * [ReLU passes] * S and writes the
+    tile's partial sums of dL/dS = sum(dL/dpre * x), dL/dT = sum(dL/dpre) to row pid_m of (tiles, C) partials."""
+    mask = row_ok[:, None] & ch_ok[None, :]
+    x = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    s, t = _load_pair(S_ptr, T_ptr, ch, ch_ok)
+    dpre = tl.where(mask & relu_passes(x * s[None, :] + t[None, :]), acc, 0.0)
+    part = pid_m.to(tl.int64) * C + ch
+    tl.store(PDS_ptr + part, tl.sum(dpre * x, axis=0), mask=ch_ok)
+    tl.store(PDT_ptr + part, tl.sum(dpre, axis=0), mask=ch_ok)
+    return dpre * s[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward:  Y[n, g*Cout_g + co, p, q] = bias[co] + sum_(kh, kw, c) X[n, g*Cg + c, ih, iw] * W[co, c, kh, kw]
-#           ih = p*sh - ph + kh*dh, iw = q*sw - pw + kw*dw (zero outside the image).
+# Forward:  Y[n, g*Cout_g + co, p, q] = bias[co] + sum_(kh, kw, c) A[n, g*Cg + c, ih, iw] * W[co, c, kh, kw]
+#           ih = p*sh - ph + kh*dh, iw = q*sw - pw + kw*dw (zero outside the image); A = X, or relu(X*S + T).
 # GEMM rows = output pixels (n, p, q), columns = output channels of group g (grid axis 1), K = (kh, kw, c).
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "MODE"],
-                 prune_configs_by={"early_config_prune": _prune_by(None, "Cout_g")})
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "MODE", "PROLOGUE", "STATS"],
+                 prune_configs_by={"early_config_prune": _prune(None, "Cout_g", "X_ptr")})
 @triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_K")})
 @triton.jit
 def _conv_fwd_kernel(
-    X_ptr, W_ptr, B_ptr, COL_ptr, Y_ptr,
+    X_ptr, W_ptr, B_ptr, COL_ptr, Y_ptr, S_ptr, T_ptr, PSUM_ptr, PM2_ptr,
     M, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot,
     s_xn, s_xc, s_xh, s_xw,
     s_wo, s_wc, s_wh, s_ww,
     s_yn, s_yc, s_yh, s_yw,
     sh, sw, ph, pw, dh, dw,
-    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, Cout_g, BLOCK_M, BLOCK_N, GROUP_M)
+    """X: (N, groups*Cg, H, W) float16|bfloat16|float32, any strides; W: (groups*Cout_g, Cg, KH, KW) X's dtype;
+    B: (groups*Cout_g,) X's dtype or float32; COL: (M, Ktot) im2col buffer (MODE 2); Y: (N, groups*Cout_g, P, Q)
+    X's dtype, any strides; S, T: (groups*Cg,) float32 (PROLOGUE); PSUM, PM2: (>= cdiv(M, BLOCK_M),
+    groups*Cout_g) float32 (STATS). Grid (tiles of (M, Cout_g), groups)."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, Cout_g, BLOCK_M, BLOCK_N, GROUP_M)
     g = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,7 +223,7 @@ def _conv_fwd_kernel(
     # Wrapped row/column indices keep every load in bounds without masks; wrapped lanes are never stored.
     m_ld = rm % M
     n_ld = rn % Cout_g
-    img, p, q = _split_pixels(m_ld, P * Q, Q)
+    img, p, q = split_pixels(m_ld, P * Q, Q)
     ih0 = p * sh - ph
     iw0 = q * sw - pw
     x_row = img.to(tl.int64) * s_xn + (g * Cg).to(tl.int64) * s_xc        # [BLOCK_M]
@@ -201,36 +250,60 @@ def _conv_fwd_kernel(
                 c_ok = c < Cg
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=c_ok[:, None], other=0.0)
-            acc = _mma(a, b, acc, PREC)
+            if PROLOGUE:   # channels past Cg load S = T = 0 and stay 0
+                s, t = _load_pair(S_ptr, T_ptr, g * Cg + c, c < Cg)
+                a = _normalize(a, s[None, :], t[None, :], row_ok[:, None])
+            acc = mma(a, b, acc, PREC)
     else:
-        col_row = m_ld.to(tl.int64) * Ktot                                  # MODE 2: buffer rows
-        for kk in range(0, tl.cdiv(Kg, BLOCK_K)):
-            k = kk * BLOCK_K + rk
-            k_ok = k < Kg
-            r = k // Cg
-            c = k - r * Cg
-            kh = r // KW
-            kw = r - kh * KW
-            b = tl.load(W_ptr + w_col[None, :] + (kh * s_wh + kw * s_ww + c * s_wc)[:, None],
-                        mask=k_ok[:, None], other=0.0)
-            if MODE == 1:
-                ih = ih0[:, None] + (kh * dh)[None, :]
-                iw = iw0[:, None] + (kw * dw)[None, :]
-                ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
-                a_ptrs = (X_ptr + x_row[:, None] + ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw
-                          + (c.to(tl.int64) * s_xc)[None, :])
-                a = tl.load(a_ptrs, mask=ok, other=0.0)
-            else:
-                a = tl.load(COL_ptr + col_row[:, None] + (g * Kg + k)[None, :], mask=k_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, PREC)
+        acc = _fwd_gather_loop(acc, X_ptr, W_ptr, COL_ptr, S_ptr, T_ptr, x_row, w_col, ih0, iw0, m_ld, g,
+                               H, W, Cg, KW, Kg, Ktot, s_xc, s_xh, s_xw, s_wc, s_wh, s_ww, dh, dw,
+                               MODE, PROLOGUE, PREC, BLOCK_K)
 
-    # Epilogue: bias, cast, store through Y's strides (NCHW or NHWC).
+    # Epilogue: bias, cast, store through Y's strides (NCHW or NHWC); statistics of the stored values.
     if HAS_BIAS:
         acc += tl.load(B_ptr + g * Cout_g + n_ld).to(tl.float32)[None, :]
-    y_ptrs = (Y_ptr + _pixel_offsets(img, p, q, s_yn, s_yh, s_yw)[:, None]
+    y_ptrs = (Y_ptr + pixel_offsets(img, p, q, s_yn, s_yh, s_yw)[:, None]
               + ((g * Cout_g + n_ld).to(tl.int64) * s_yc)[None, :])
     mask = (rm < M)[:, None] & (rn < Cout_g)[None, :]
-    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(Y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, y, mask=mask)
+    if STATS:
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        _stats_partials(y, rm < M, pid_m, count, g * Cout_g + n_ld, rn < Cout_g, Cout_g * tl.num_programs(1),
+                        PSUM_ptr, PM2_ptr)
+
+
+@triton.jit
+def _fwd_gather_loop(acc, X_ptr, W_ptr, COL_ptr, S_ptr, T_ptr, x_row, w_col, ih0, iw0, m_ld, g,
+                     H, W, Cg, KW, Kg, Ktot, s_xc, s_xh, s_xw, s_wc, s_wh, s_ww, dh, dw,
+                     MODE: tl.constexpr, PROLOGUE: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The forward's K loop over BLOCK_K flat (kh, kw, c) indices: gathered from X per element (MODE 1) or read
+    from the im2col buffer COL (MODE 2, no PROLOGUE). Returns acc + the tile's products."""
+    rk = tl.arange(0, BLOCK_K)
+    col_row = m_ld.to(tl.int64) * Ktot                                  # MODE 2: buffer rows
+    for kk in range(0, tl.cdiv(Kg, BLOCK_K)):
+        k = kk * BLOCK_K + rk
+        k_ok = k < Kg
+        r = k // Cg
+        c = k - r * Cg
+        kh = r // KW
+        kw = r - kh * KW
+        b = tl.load(W_ptr + w_col[None, :] + (kh * s_wh + kw * s_ww + c * s_wc)[:, None],
+                    mask=k_ok[:, None], other=0.0)
+        if MODE == 1:
+            ih = ih0[:, None] + (kh * dh)[None, :]
+            iw = iw0[:, None] + (kw * dw)[None, :]
+            ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
+            a_ptrs = (X_ptr + x_row[:, None] + ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw
+                      + (c.to(tl.int64) * s_xc)[None, :])
+            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            if PROLOGUE:
+                s, t = _load_pair(S_ptr, T_ptr, g * Cg + c, k_ok)
+                a = _normalize(a, s[None, :], t[None, :], ok)
+        else:
+            a = tl.load(COL_ptr + col_row[:, None] + (g * Kg + k)[None, :], mask=k_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, PREC)
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,29 +312,35 @@ def _conv_fwd_kernel(
 # GEMM rows = input pixels (n, h, w), columns = input channels of group g, K = (kh, kw, co).
 # With stride 1 every tap is live; with stride s only ~1/s^2 of them are (the rest load as zeros).
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW"],
-                 prune_configs_by={"early_config_prune": _prune_by(None, "Cg")})
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "GRAD_AFFINE", "PROLOGUE"],
+                 prune_configs_by={"early_config_prune": _prune(None, "Cg", "G_ptr")})
 @triton.heuristics({"EVEN_CO": _even("Cout_g", "BLOCK_K")})
 @triton.jit
 def _conv_dgrad_kernel(
-    G_ptr, W_ptr, DX_ptr,
+    G_ptr, W_ptr, DX_ptr, Y_ptr, GA_ptr, GB_ptr, X_ptr, S_ptr, T_ptr, PDS_ptr, PDT_ptr,
     M, H, W, P, Q, Cg, Cout_g, KH, KW,
     s_gn, s_gc, s_gh, s_gw,
     s_wo, s_wc, s_wh, s_ww,
     s_dn, s_dc, s_dh, s_dw,
+    s_yn, s_yc, s_yh, s_yw,
+    s_xn, s_xc, s_xh, s_xw,
     sh, sw, ph, pw, dh, dw,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, GRAD_AFFINE: tl.constexpr, PROLOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_CO: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, Cg, BLOCK_M, BLOCK_N, GROUP_M)
+    """G: (N, groups*Cout_g, P, Q) float16|bfloat16|float32, any strides; W: (groups*Cout_g, Cg, KH, KW) G's
+    dtype; DX: (N, groups*Cg, H, W) G's dtype, any strides; Y: like G (GRAD_AFFINE); GA, GB: (groups*Cout_g,)
+    float32 (GRAD_AFFINE); X: like DX, S, T: (groups*Cg,) float32, PDS, PDT: (>= cdiv(M, BLOCK_M), groups*Cg)
+    float32 (PROLOGUE). Grid (tiles of (M, Cg), groups)."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, Cg, BLOCK_M, BLOCK_N, GROUP_M)
     g = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ld = rm % M
     c_ld = rn % Cg
-    img, h, w = _split_pixels(m_ld, H * W, W)
+    img, h, w = split_pixels(m_ld, H * W, W)
     th0 = h + ph
     tw0 = w + pw
     g_row = img.to(tl.int64) * s_gn                                         # [BLOCK_M]
@@ -289,9 +368,19 @@ def _conv_dgrad_kernel(
             co_ok = co < (g + 1) * Cout_g
             a = tl.load(a_ptrs, mask=row_ok[:, None] & co_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=co_ok[:, None], other=0.0)
-        acc = _mma(a, b, acc, PREC)
+        if GRAD_AFFINE:
+            mask = row_ok[:, None] & (co < (g + 1) * Cout_g)[None, :]
+            yv = tl.load(Y_ptr + pixel_offsets(img, p, q, s_yn, s_yh, s_yw)[:, None]
+                         + (co.to(tl.int64) * s_yc)[None, :], mask=mask, other=0.0)
+            ga, gb = _load_pair(GA_ptr, GB_ptr, co, co < (g + 1) * Cout_g)
+            a = _grad_affine(a, yv, ga[None, :], gb[None, :], mask)
+        acc = mma(a, b, acc, PREC)
 
-    dx_ptrs = (DX_ptr + _pixel_offsets(img, h, w, s_dn, s_dh, s_dw)[:, None]
+    if PROLOGUE:
+        x_offs = pixel_offsets(img, h, w, s_xn, s_xh, s_xw)[:, None] + ((g * Cg + c_ld).to(tl.int64) * s_xc)[None, :]
+        acc = _normalize_backward(acc, X_ptr, x_offs, S_ptr, T_ptr, PDS_ptr, PDT_ptr, g * Cg + c_ld, rn < Cg,
+                                  rm < M, pid_m, Cg * tl.num_programs(1))
+    dx_ptrs = (DX_ptr + pixel_offsets(img, h, w, s_dn, s_dh, s_dw)[:, None]
                + ((g * Cg + c_ld).to(tl.int64) * s_dc)[None, :])
     mask = (rm < M)[:, None] & (rn < Cg)[None, :]
     tl.store(dx_ptrs, acc.to(DX_ptr.dtype.element_ty), mask=mask)
@@ -299,40 +388,17 @@ def _conv_dgrad_kernel(
 
 # ----------------------------------------------------------------------------------------------------
 # wgrad: WS[s, g*Cout_g + co, c, kh, kw] = sum over pixels (n, p, q) of split s of
-#        DY[n, g*Cout_g + co, p, q] * X[n, g*Cg + c, p*sh - ph + kh*dh, q*sw - pw + kw*dw]
+#        DY[n, g*Cout_g + co, p, q] * A[n, g*Cg + c, p*sh - ph + kh*dh, q*sw - pw + kw*dw]   (A = X or relu(X*S+T))
 # GEMM rows = output channels (Cout_g), columns = (kh, kw, c), K = N*P*Q pixels. The output is small and
 # K huge, so K is split over grid axis 1 (split-K); each split writes its fp32 partial to a workspace
 # (S, C_out, Cg, KH, KW) that _sum_splits_kernel reduces in a fixed order (deterministic, no atomics).
 # MODE 0: a column tile is (kh, kw, BLOCK_N channels); MODE 1: BLOCK_N flat (kh, kw, c); MODE 2: im2col buffer.
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["Cout_g", "Cg", "KH", "KW", "k_chunk", "MODE"],
-                 prune_configs_by={"early_config_prune": _prune_wgrad})
-@triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_N"), "EVEN_CO": _even("Cout_g", "BLOCK_M")})
 @triton.jit
-def _conv_wgrad_kernel(
-    G_ptr, X_ptr, COL_ptr, WS_ptr,
-    M, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot, k_chunk,
-    s_gn, s_gc, s_gh, s_gw,
-    s_xn, s_xc, s_xh, s_xw,
-    sh, sw, ph, pw, dh, dw,
-    MODE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_C: tl.constexpr, EVEN_CO: tl.constexpr,
-):
-    if MODE == 0:
-        c_tiles = tl.cdiv(Cg, BLOCK_N)
-        pid_m, pid_n = _tile_ids(tl.program_id(0), Cout_g, KH * KW * c_tiles * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
-    else:
-        pid_m, pid_n = _tile_ids(tl.program_id(0), Cout_g, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
-    g = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    if EVEN_CO:
-        co_ld = rm
-    else:
-        co_ld = rm % Cout_g
+def _wgrad_columns(pid_n, rn, Cg, KW, Kg, c_tiles, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EVEN_C: tl.constexpr):
+    """wgrad's column tile pid_n -> (kh, kw, c, c_ld, j_ld, col_ok): taps (scalars in MODE 0, [BLOCK_N] else),
+    channels c, in-bounds channels c_ld for loads, flat column j_ld (MODE 1, 2) and the columns to store."""
     if MODE == 0:
         r = pid_n // c_tiles
         c = (pid_n - r * c_tiles) * BLOCK_N + rn                           # [BLOCK_N] channels
@@ -343,6 +409,7 @@ def _conv_wgrad_kernel(
             c_ld = c
         else:
             c_ld = c % Cg
+        j_ld = c_ld
     else:
         j = pid_n * BLOCK_N + rn                                            # [BLOCK_N] flat (kh, kw, c)
         col_ok = j < Kg
@@ -352,8 +419,55 @@ def _conv_wgrad_kernel(
         c_ld = c
         kh = r // KW
         kw = r - kh * KW
+    return kh, kw, c, c_ld, j_ld, col_ok
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["Cout_g", "Cg", "KH", "KW", "k_chunk", "MODE", "GRAD_AFFINE",
+                                             "PROLOGUE", "DBIAS"],
+                 prune_configs_by={"early_config_prune": _prune("Cout_g", None, "G_ptr")})
+@triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_N"), "EVEN_CO": _even("Cout_g", "BLOCK_M")})
+@triton.jit
+def _conv_wgrad_kernel(
+    G_ptr, X_ptr, COL_ptr, WS_ptr, Y_ptr, GA_ptr, GB_ptr, S_ptr, T_ptr, DB_ptr,
+    M, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot, k_chunk,
+    s_gn, s_gc, s_gh, s_gw,
+    s_xn, s_xc, s_xh, s_xw,
+    s_yn, s_yc, s_yh, s_yw,
+    sh, sw, ph, pw, dh, dw,
+    MODE: tl.constexpr, PREC: tl.constexpr, GRAD_AFFINE: tl.constexpr, PROLOGUE: tl.constexpr,
+    DBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_C: tl.constexpr, EVEN_CO: tl.constexpr,
+):
+    """G: (N, groups*Cout_g, P, Q) float16|bfloat16|float32, any strides; X: (N, groups*Cg, H, W) G's dtype, any
+    strides; COL: (M, Ktot) (MODE 2); WS: (splits, groups*Cout_g, Cg, KH, KW) contiguous, float32 or G's dtype;
+    Y: like G, GA, GB: (groups*Cout_g,) float32 (GRAD_AFFINE); S, T: (groups*Cg,) float32 (PROLOGUE);
+    DB: (splits, groups*Cout_g) float32 (DBIAS). Grid (tiles of (Cout_g, columns), splits, groups)."""
+    c_tiles = tl.cdiv(Cg, BLOCK_N)
+    if MODE == 0:
+        pid_m, pid_n = tile_ids(tl.program_id(0), Cout_g, KH * KW * c_tiles * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
+    else:
+        pid_m, pid_n = tile_ids(tl.program_id(0), Cout_g, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    if EVEN_CO:
+        co_ld = rm
+    else:
+        co_ld = rm % Cout_g
+    kh, kw, c, c_ld, j_ld, col_ok = _wgrad_columns(pid_n, tl.arange(0, BLOCK_N), Cg, KW, Kg, c_tiles,
+                                                   MODE, BLOCK_N, EVEN_C)
     g_col = (g * Cout_g + co_ld).to(tl.int64) * s_gc                        # [BLOCK_M]
     x_chan = (g * Cg + c_ld).to(tl.int64) * s_xc                            # [BLOCK_N]
+    if GRAD_AFFINE:
+        ga, gb = _load_pair(GA_ptr, GB_ptr, g * Cout_g + co_ld, co_ld < Cout_g)
+    if PROLOGUE:
+        s, t = _load_pair(S_ptr, T_ptr, g * Cg + c_ld, col_ok)
+    else:
+        s, t = 0.0, 0.0                                                      # unused
+    if DBIAS:
+        db = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     k_lo = split * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, M)
@@ -361,31 +475,54 @@ def _conv_wgrad_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         pix = k0 + rk
         pix_ok = pix < k_hi
-        img, p, q = _split_pixels(pix, P * Q, Q)
-        a = tl.load(G_ptr + g_col[:, None] + _pixel_offsets(img, p, q, s_gn, s_gh, s_gw)[None, :],
+        img, p, q = split_pixels(pix, P * Q, Q)
+        a = tl.load(G_ptr + g_col[:, None] + pixel_offsets(img, p, q, s_gn, s_gh, s_gw)[None, :],
                     mask=pix_ok[None, :], other=0.0)
-        if MODE == 0:
-            ih = p * sh - ph + kh * dh
-            iw = q * sw - pw + kw * dw
-            ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            b = tl.load(X_ptr + _pixel_offsets(img, ih, iw, s_xn, s_xh, s_xw)[:, None] + x_chan[None, :],
-                        mask=ok[:, None], other=0.0)
-        elif MODE == 1:
-            ih = (p * sh - ph)[:, None] + (kh * dh)[None, :]
-            iw = (q * sw - pw)[:, None] + (kw * dw)[None, :]
-            ok = pix_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            b = tl.load(X_ptr + (img.to(tl.int64) * s_xn)[:, None] + ih.to(tl.int64) * s_xh
-                        + iw.to(tl.int64) * s_xw + x_chan[None, :], mask=ok, other=0.0)
-        else:
-            b = tl.load(COL_ptr + (pix.to(tl.int64) * Ktot)[:, None] + (g * Kg + j_ld)[None, :],
-                        mask=pix_ok[:, None], other=0.0)
-        acc = _mma(a, b, acc, PREC)
+        if GRAD_AFFINE:
+            yv = tl.load(Y_ptr + ((g * Cout_g + co_ld).to(tl.int64) * s_yc)[:, None]
+                         + pixel_offsets(img, p, q, s_yn, s_yh, s_yw)[None, :], mask=pix_ok[None, :], other=0.0)
+            a = _grad_affine(a, yv, ga[:, None], gb[:, None], pix_ok[None, :])
+        if DBIAS:
+            db += tl.sum(a.to(tl.float32), axis=1)
+        b = _wgrad_x_tile(X_ptr, COL_ptr, img, p, q, pix, pix_ok, kh, kw, x_chan, g * Kg + j_ld, s, t, H, W, Ktot,
+                          s_xn, s_xh, s_xw, sh, sw, ph, pw, dh, dw, MODE, PROLOGUE)
+        acc = mma(a, b, acc, PREC)
 
     # WS is contiguous (S, C_out, Cg, KH, KW).
     row = (split.to(tl.int64) * Cout_g * tl.num_programs(2) + g * Cout_g + rm) * Kg    # [BLOCK_M]
     ws_ptrs = WS_ptr + row[:, None] + (c * (KH * KW) + kh * KW + kw)[None, :]
     mask = (rm < Cout_g)[:, None] & col_ok[None, :]
     tl.store(ws_ptrs, acc.to(WS_ptr.dtype.element_ty), mask=mask)
+    if DBIAS:   # one column tile per (row tile, split) writes the row sums
+        db_ptrs = DB_ptr + split.to(tl.int64) * Cout_g * tl.num_programs(2) + g * Cout_g + rm
+        tl.store(db_ptrs, db, mask=(rm < Cout_g) & (pid_n == 0))
+
+
+@triton.jit
+def _wgrad_x_tile(X_ptr, COL_ptr, img, p, q, pix, pix_ok, kh, kw, x_chan, col_j, s, t, H, W, Ktot,
+                  s_xn, s_xh, s_xw, sh, sw, ph, pw, dh, dw, MODE: tl.constexpr, PROLOGUE: tl.constexpr):
+    """wgrad's B tile [BLOCK_K pixels, BLOCK_N columns]: X at each column's tap (kh, kw) and channel offset x_chan
+    (MODE 0: one tap per tile; MODE 1: per column), through the PROLOGUE (s, t per column) when on; MODE 2: the
+    im2col buffer's columns col_j. Zero outside the image and past the split's pixels."""
+    if MODE == 0:
+        ih = p * sh - ph + kh * dh
+        iw = q * sw - pw + kw * dw
+        ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(X_ptr + pixel_offsets(img, ih, iw, s_xn, s_xh, s_xw)[:, None] + x_chan[None, :],
+                    mask=ok[:, None], other=0.0)
+        if PROLOGUE:
+            b = _normalize(b, s[None, :], t[None, :], ok[:, None])
+    elif MODE == 1:
+        ih = (p * sh - ph)[:, None] + (kh * dh)[None, :]
+        iw = (q * sw - pw)[:, None] + (kw * dw)[None, :]
+        ok = pix_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(X_ptr + (img.to(tl.int64) * s_xn)[:, None] + ih.to(tl.int64) * s_xh
+                    + iw.to(tl.int64) * s_xw + x_chan[None, :], mask=ok, other=0.0)
+        if PROLOGUE:
+            b = _normalize(b, s[None, :], t[None, :], ok)
+    else:
+        b = tl.load(COL_ptr + (pix.to(tl.int64) * Ktot)[:, None] + col_j[None, :], mask=pix_ok[:, None], other=0.0)
+    return b
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,8 +540,8 @@ def _bias_grad_kernel(G_ptr, WS_ptr, M, C, PQ, Q, k_chunk, s_gn, s_gc, s_gh, s_g
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)   # reduced once at the end, not per step
     for k0 in range(k_lo, k_hi, BLOCK_P):
         pix = k0 + tl.arange(0, BLOCK_P)
-        img, p, q = _split_pixels(pix, PQ, Q)
-        ptrs = G_ptr + _pixel_offsets(img, p, q, s_gn, s_gh, s_gw)[:, None] + chan[None, :]
+        img, p, q = split_pixels(pix, PQ, Q)
+        ptrs = G_ptr + pixel_offsets(img, p, q, s_gn, s_gh, s_gw)[:, None] + chan[None, :]
         acc += tl.load(ptrs, mask=(pix < k_hi)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     tl.store(WS_ptr + split.to(tl.int64) * C + rc, tl.sum(acc, axis=0), mask=c_ok)
 
@@ -432,7 +569,7 @@ def _im2col_kernel(X_ptr, COL_ptr, M, H, W, P, Q, Cg, KH, KW, Kg, Ktot,
     rj = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = rm < M
     j_ok = rj < Ktot
-    img, p, q = _split_pixels(rm % M, P * Q, Q)
+    img, p, q = split_pixels(rm % M, P * Q, Q)
     g = rj // Kg
     jj = rj - g * Kg
     r = jj // Cg
@@ -450,7 +587,7 @@ def _im2col_kernel(X_ptr, COL_ptr, M, H, W, P, Q, Cg, KH, KW, Kg, Ktot,
 # dgrad, im2col flavour, step 1: DCOL[(n, p, q), g*Kg + j] = sum_co DY[n, g*Cout_g + co, p, q] * W[g*Cout_g + co, j]
 # with j = (kh, kw, c) decoded per column. GEMM rows = output pixels, columns = Kg, K = Cout_g.
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Kg"],
-                 prune_configs_by={"early_config_prune": _prune_by(None, "Kg")})
+                 prune_configs_by={"early_config_prune": _prune(None, "Kg", "G_ptr")})
 @triton.heuristics({"EVEN_CO": _even("Cout_g", "BLOCK_K")})
 @triton.jit
 def _dgrad_col_gemm_kernel(
@@ -462,13 +599,13 @@ def _dgrad_col_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_CO: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
     g = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    img, p, q = _split_pixels(rm % M, P * Q, Q)
-    g_row = _pixel_offsets(img, p, q, s_gn, s_gh, s_gw)                   # [BLOCK_M]
+    img, p, q = split_pixels(rm % M, P * Q, Q)
+    g_row = pixel_offsets(img, p, q, s_gn, s_gh, s_gw)                   # [BLOCK_M]
     j_ld = rj % Kg
     r = j_ld // Cg
     c = j_ld - r * Cg
@@ -487,7 +624,7 @@ def _dgrad_col_gemm_kernel(
             co_ok = co0 + rk < Cout_g
             a = tl.load(a_ptrs, mask=co_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=co_ok[:, None], other=0.0)
-        acc = _mma(a, b, acc, PREC)
+        acc = mma(a, b, acc, PREC)
     col_ptrs = COL_ptr + (rm.to(tl.int64) * Ktot)[:, None] + (g * Kg + rj)[None, :]
     tl.store(col_ptrs, acc.to(COL_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rj < Kg)[None, :])
 
@@ -502,7 +639,7 @@ def _col2im_kernel(COL_ptr, DX_ptr, M, H, W, P, Q, C, Cg, KH, KW, Kg, Ktot,
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
     c_ok = rc < C
-    img, h, w = _split_pixels(rm % M, H * W, W)
+    img, h, w = split_pixels(rm % M, H * W, W)
     g = rc // Cg
     col_c = g * Kg + (rc - g * Cg)                                          # [BLOCK_C], tap (0, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -517,7 +654,7 @@ def _col2im_kernel(COL_ptr, DX_ptr, M, H, W, P, Q, C, Cg, KH, KW, Kg, Ktot,
             row = ((img.to(tl.int64) * P + p) * Q + q) * Ktot
             ptrs = COL_ptr + row[:, None] + (col_c + (kh * KW + kw) * Cg)[None, :]
             acc += tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    dx_ptrs = DX_ptr + _pixel_offsets(img, h, w, s_dn, s_dh, s_dw)[:, None] + (rc.to(tl.int64) * s_dc)[None, :]
+    dx_ptrs = DX_ptr + pixel_offsets(img, h, w, s_dn, s_dh, s_dw)[:, None] + (rc.to(tl.int64) * s_dc)[None, :]
     tl.store(dx_ptrs, acc.to(DX_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -545,6 +682,31 @@ class _Geometry:
     def conv_args(self):
         return (self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
 
+    @property
+    def kernel_fits(self) -> bool:
+        """The (dilated) kernel fits the padded input, i.e. the output has at least one pixel per axis."""
+        return self.P > 0 and self.Q > 0
+
+
+class _Hooks:
+    """Tensors of conv_bn_relu's fusion hooks; a hook whose tensors are None is off (constexpr False).
+    in_scale, in_shift: (C_in,) float32 (PROLOGUE); y: the forward's output, g_alpha, g_beta: (C_out,) float32
+    (GRAD_AFFINE)."""
+
+    def __init__(self, in_scale=None, in_shift=None, y=None, g_alpha=None, g_beta=None):
+        self.in_scale, self.in_shift, self.y, self.g_alpha, self.g_beta = in_scale, in_shift, y, g_alpha, g_beta
+        self.prologue = in_scale is not None
+        self.affine = y is not None
+
+    def args(self, dummy: torch.Tensor):
+        """(S, T, Y, GA, GB) kernel pointers, dummy (never read) for a hook that is off."""
+        s, t = (self.in_scale, self.in_shift) if self.prologue else (dummy, dummy)
+        y, ga, gb = (self.y, self.g_alpha, self.g_beta) if self.affine else (dummy, dummy, dummy)
+        return s, t, y, ga, gb
+
+
+_NO_HOOKS = _Hooks()
+
 
 def _int_pair(v, name):
     if (not isinstance(v, (list, tuple)) or len(v) != 2
@@ -553,18 +715,8 @@ def _int_pair(v, name):
     return [int(i) for i in v]
 
 
-def _check_device(*tensors):
-    dev = tensors[0].device
-    for t in tensors[1:]:
-        if t.device != dev:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found {dev} and {t.device}")
-    if dev.type != "cuda" and not (_INTERPRET and dev.type == "cpu"):
-        raise RuntimeError(f"the triton conv2d kernels need CUDA tensors (CPU tensors only under "
-                           f"TRITON_INTERPRET=1), got a tensor on {dev}")
-
-
-def _check_conv(x, weight, bias, stride, padding, dilation, groups, algo) -> _Geometry:
-    """Validate every argument with PyTorch's messages where it has one; return the geometry."""
+def _check_tensors(x, weight, bias) -> None:
+    """input and weight (and bias of x's dtype, if given): 4-D float tensors of one dtype, on one usable device."""
     check_tensor(x, "input")
     check_tensor(weight, "weight")
     if x.dim() != 4:
@@ -573,11 +725,15 @@ def _check_conv(x, weight, bias, stride, padding, dilation, groups, algo) -> _Ge
         raise RuntimeError(f"weight should have 4 dimensions (C_out, C_in/groups, KH, KW), got size {list(weight.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
-    _check_device(x, weight, *([bias] if bias is not None else []))
+    check_device(x, weight, bias)
     if weight.dtype != x.dtype:
         raise RuntimeError(f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
     if bias is not None and bias.dtype != x.dtype:
         raise RuntimeError(f"Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+
+
+def _check_geometry(x, weight, stride, padding, dilation, groups, algo) -> _Geometry:
+    """stride, padding, dilation, groups and algo, with PyTorch's messages where it has one."""
     stride = _int_pair(stride, "stride")
     padding = _int_pair(padding, "padding")
     dilation = _int_pair(dilation, "dilation")
@@ -602,17 +758,40 @@ def _check_conv(x, weight, bias, stride, padding, dilation, groups, algo) -> _Ge
         raise RuntimeError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
                            f"{list(x.shape)} to have {weight.shape[1] * groups} channels, but got {x.shape[1]} "
                            f"channels instead")
+    geo = _Geometry(x, weight, stride, padding, dilation, groups)
+    if max(geo.M_out, geo.M_in) > _INT32_MAX or weight.numel() > _INT32_MAX:
+        raise RuntimeError("the triton conv2d kernels need N*H*W pixels and weight elements below 2**31")
+    return geo
+
+
+def _check_conv(x, weight, bias, stride, padding, dilation, groups, algo) -> _Geometry:
+    """Validate every argument of conv2d with PyTorch's messages where it has one; return the geometry."""
+    _check_tensors(x, weight, bias)
+    geo = _check_geometry(x, weight, stride, padding, dilation, groups, algo)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise RuntimeError(f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with "
                            f"{weight.shape[0]} elements, but got bias of size {list(bias.shape)} instead")
-    geo = _Geometry(x, weight, stride, padding, dilation, groups)
-    ph_in, pw_in = geo.H + 2 * geo.ph, geo.W + 2 * geo.pw
-    kh_eff, kw_eff = geo.dh * (geo.KH - 1) + 1, geo.dw * (geo.KW - 1) + 1
-    if ph_in < kh_eff or pw_in < kw_eff:
-        raise RuntimeError(f"Calculated padded input size per channel: ({ph_in} x {pw_in}). Kernel size: "
-                           f"({kh_eff} x {kw_eff}). Kernel size can't be greater than actual input size")
-    if max(geo.M_out, geo.M_in) > _INT32_MAX or weight.numel() > _INT32_MAX:
-        raise RuntimeError("the triton conv2d kernels need N*H*W pixels and weight elements below 2**31")
+    if not geo.kernel_fits:
+        kh_eff, kw_eff = geo.dh * (geo.KH - 1) + 1, geo.dw * (geo.KW - 1) + 1
+        raise RuntimeError(f"Calculated padded input size per channel: ({geo.H + 2 * geo.ph} x {geo.W + 2 * geo.pw})."
+                           f" Kernel size: ({kh_eff} x {kw_eff}). Kernel size can't be greater than actual input size")
+    return geo
+
+
+def _check_conv_bn_relu(x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups) -> _Geometry:
+    """Validate conv_bn_relu's arguments (bias, in_scale, in_shift: contiguous float32 vectors or None)."""
+    _check_tensors(x, weight, None)
+    if bias is not None:
+        check_vector(bias, "bias", weight.shape[0])
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    if in_scale is not None:
+        check_vector(in_scale, "in_scale", x.shape[1])
+        check_vector(in_shift, "in_shift", x.shape[1])
+    check_device(x, weight, bias, in_scale, in_shift)
+    geo = _check_geometry(x, weight, stride, padding, dilation, groups, "implicit_gemm")
+    if not geo.kernel_fits:
+        raise RuntimeError(f"Calculated output size: ({geo.Cout}x{geo.P}x{geo.Q}). Output size is too small")
     return geo
 
 
@@ -621,18 +800,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -655,7 +822,7 @@ def _split_k(total: int, out_tiles: int, device: torch.device) -> tuple[int, int
 def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
     """out (contiguous, any float dtype) = ws.sum(0) in fp32, ws: (S, *out.shape) fp32 contiguous."""
     L = out.numel()
-    block = 1024 if not _INTERPRET else 256
+    block = 1024 if not INTERPRET else 256
     _sum_splits_kernel[(triton.cdiv(L, block),)](ws, out, L, ws.shape[0], BLOCK=block)
 
 
@@ -677,7 +844,7 @@ def _im2col(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     """The explicit im2col buffer (N*P*Q, groups*Kg), x's dtype, contiguous."""
     ktot = geo.groups * geo.Kg
     col = new_output((geo.M_out, ktot), x)
-    bm, bk = (32, 32) if _INTERPRET else (64, 64)
+    bm, bk = (32, 32) if INTERPRET else (64, 64)
     if col.numel():
         grid = (triton.cdiv(geo.M_out, bm), triton.cdiv(ktot, bk))
         if grid[1] > 65535:
@@ -687,27 +854,88 @@ def _im2col(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     return col
 
 
-def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-                   dilation, groups: int, algo: str = "auto") -> torch.Tensor:
-    """y = conv2d(x, weight, bias). Output (N, C_out, P, Q) in x's dtype, channels_last iff x is."""
+def _partials(rows_of: int, cols: int, like: torch.Tensor):
+    """Two (tiles, cols) float32 per-tile partial buffers, tiles counted for the smallest autotuned BLOCK_M."""
+    rows = triton.cdiv(rows_of, _MIN_BLOCK_M)
+    return (new_output((rows, cols), like, dtype=torch.float32),
+            new_output((rows, cols), like, dtype=torch.float32))
+
+
+def _tiles_used(kernel, rows_of: int) -> int:
+    """Partial rows the last launch of an autotuned kernel wrote: one per BLOCK_M rows of its GEMM."""
+    return triton.cdiv(rows_of, kernel.best_config.kwargs["BLOCK_M"])
+
+
+def _forward(x, weight, bias, y, geo: _Geometry, mode: int, hooks: _Hooks = _NO_HOOKS, partials=None) -> None:
+    """Launch _conv_fwd_kernel into y (non-empty); partials = (psum, pm2) turns the STATS epilogue on."""
+    weight = _kernel_weight(weight)
+    col = _im2col(x, geo) if mode == MODE_COL else x
+    s, t, _, _, _ = hooks.args(weight)
+    psum, pm2 = partials if partials is not None else (weight, weight)
+    grid = lambda meta: (triton.cdiv(geo.M_out, meta["BLOCK_M"]) * triton.cdiv(geo.Cout_g, meta["BLOCK_N"]),
+                         geo.groups)
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, col, y, s, t, psum, pm2,
+        geo.M_out, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW, geo.Kg,
+        geo.groups * geo.Kg,
+        *x.stride(), *weight.stride(), *y.stride(), *geo.conv_args,
+        HAS_BIAS=bias is not None, MODE=mode, PREC=_precision(x.dtype), PROLOGUE=hooks.prologue,
+        STATS=partials is not None)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+           dilation, groups: int, algo: str = "auto") -> torch.Tensor:
+    """y = conv2d(x, weight, bias).
+
+    x: (N, C_in, H, W) float16|bfloat16|float32, NCHW or NHWC (any strides); weight: (C_out, C_in/groups, KH, KW)
+    x's dtype; bias: (C_out,) x's dtype or None; stride, padding, dilation: [int, int]; algo in ALGOS.
+    Returns y: (N, C_out, P, Q) x's dtype, channels_last iff x is."""
     geo = _check_conv(x, weight, bias, stride, padding, dilation, groups, algo)
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=fmt)
+    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=dense_format(x))
     if y.numel() == 0:
         return y
-    mode = _mode(geo, algo)
-    weight = _kernel_weight(weight)
-    with _device_guard(x):
-        col = _im2col(x, geo) if mode == MODE_COL else x
-        grid = lambda meta: (triton.cdiv(geo.M_out, meta["BLOCK_M"]) * triton.cdiv(geo.Cout_g, meta["BLOCK_N"]),
-                             geo.groups)
-        _conv_fwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, col, y,
-            geo.M_out, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW, geo.Kg,
-            geo.groups * geo.Kg,
-            *x.stride(), *weight.stride(), *y.stride(), *geo.conv_args,
-            HAS_BIAS=bias is not None, MODE=mode, PREC=_precision(x.dtype))
+    with device_guard(x):
+        _forward(x, weight, bias, y, geo, _mode(geo, algo))
     return y
+
+
+def _combine_stats(psum: torch.Tensor, pm2: torch.Tensor, M: int, block_m: int):
+    """Chan's parallel combine of per-tile (sum, centred M2) partials (tiles, C) -> mean, biased var (C,).
+    A fixed order of float32 tensor ops: the same inputs give the same bits on every run."""
+    tiles = psum.shape[0]
+    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float32, device=psum.device)
+    counts[-1] = M - block_m * (tiles - 1)
+    mean = psum.sum(0) / M
+    m2 = pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)
+    return mean, m2 / M
+
+
+def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_scale: torch.Tensor | None,
+                 in_shift: torch.Tensor | None, stride, padding, dilation, groups: int, compute_stats: bool):
+    """y = conv2d(a, weight, bias, groups=groups), a = relu(x*in_scale[c] + in_shift[c]) if in_scale is given
+    (the previous layer's pending BatchNorm + ReLU, applied while loading x; zero padding applies to a) else x.
+
+    x: (N, C_in, H, W) float16|bfloat16|float32, NCHW or NHWC (any strides); weight: (C_out, C_in/groups, KH, KW)
+    x's dtype; bias, in_scale, in_shift: contiguous float32 (C_out,), (C_in,), (C_in,) or None (in_scale and
+    in_shift together); stride, padding, dilation: [int, int].
+    Returns (y, mean, var): y (N, C_out, P, Q) x's dtype, channels_last iff x is; with compute_stats the batch
+    mean and biased variance per channel of y as stored (float32 (C_out,), NaN for an empty batch), else two
+    empty float32 tensors."""
+    geo = _check_conv_bn_relu(x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups)
+    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=dense_format(x))
+    partials = _partials(geo.M_out, geo.Cout, x) if compute_stats else None
+    if y.numel():
+        with device_guard(x):
+            _forward(x, weight, bias, y, geo, _mode(geo, "implicit_gemm"), _Hooks(in_scale, in_shift), partials)
+    if not compute_stats:
+        empty = x.new_empty((0,), dtype=torch.float32)
+        return y, empty, empty.clone()
+    if y.numel() == 0:
+        nan = torch.full((geo.Cout,), float("nan"), dtype=torch.float32, device=x.device)
+        return y, nan, nan.clone()
+    bm = _conv_fwd_kernel.best_config.kwargs["BLOCK_M"]
+    tiles = triton.cdiv(geo.M_out, bm)
+    return (y, *_combine_stats(partials[0][:tiles], partials[1][:tiles], geo.M_out, bm))
 
 
 def _check_mask(output_mask):
@@ -716,9 +944,21 @@ def _check_mask(output_mask):
         raise TypeError(f"output_mask must be a list of 3 bools, got {output_mask!r}")
 
 
+def _launch_dgrad(grad_out, x, weight, dx, geo: _Geometry, prec: str, hooks: _Hooks = _NO_HOOKS,
+                  partials=None) -> None:
+    """Launch _conv_dgrad_kernel into dx (non-empty); partials = (pds, pdt) with the PROLOGUE hook."""
+    s, t, y, ga, gb = hooks.args(grad_out)
+    pds, pdt = partials if partials is not None else (dx, dx)
+    grid = lambda meta: (triton.cdiv(geo.M_in, meta["BLOCK_M"]) * triton.cdiv(geo.Cg, meta["BLOCK_N"]), geo.groups)
+    _conv_dgrad_kernel[grid](
+        grad_out, weight, dx, y, ga, gb, x, s, t, pds, pdt,
+        geo.M_in, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
+        *grad_out.stride(), *weight.stride(), *dx.stride(), *y.stride(), *x.stride(), *geo.conv_args,
+        PREC=prec, GRAD_AFFINE=hooks.affine, PROLOGUE=hooks.prologue)
+
+
 def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.Tensor:
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    dx = new_output(x.shape, x, memory_format=fmt)
+    dx = new_output(x.shape, x, memory_format=dense_format(x))
     if dx.numel() == 0:
         return dx
     if geo.Cout_g * geo.KH * geo.KW == 0:
@@ -733,19 +973,19 @@ def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         _dgrad_col_gemm_kernel[grid](
             grad_out, weight, dcol, geo.M_out, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW, geo.Kg, ktot,
             *grad_out.stride(), *weight.stride(), PREC=prec)
-        bm, bc = (32, 16) if _INTERPRET else (64, 64)
+        bm, bc = (32, 16) if INTERPRET else (64, 64)
         grid2 = (triton.cdiv(geo.M_in, bm), triton.cdiv(geo.C, bc))
         _col2im_kernel[grid2](dcol, dx, geo.M_in, geo.H, geo.W, geo.P, geo.Q, geo.C, geo.Cg, geo.KH, geo.KW,
                               geo.Kg, ktot, *dx.stride(), *geo.conv_args, BLOCK_M=bm, BLOCK_C=bc)
         return dx
-    grid = lambda meta: (triton.cdiv(geo.M_in, meta["BLOCK_M"]) * triton.cdiv(geo.Cg, meta["BLOCK_N"]), geo.groups)
-    _conv_dgrad_kernel[grid](
-        grad_out, weight, dx, geo.M_in, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
-        *grad_out.stride(), *weight.stride(), *dx.stride(), *geo.conv_args, PREC=prec)
+    _launch_dgrad(grad_out, x, weight, dx, geo, prec)
     return dx
 
 
-def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.Tensor:
+def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str, hooks: _Hooks = _NO_HOOKS,
+           db: torch.Tensor | None = None) -> torch.Tensor:
+    """dW: weight's shape and dtype, contiguous. With db (float32 (C_out,), only for a non-empty weight and
+    output) the DBIAS hook also writes the gradient operand's per-channel sums into it."""
     dw = new_output(weight.shape, weight)   # contiguous (C_out, Cg, KH, KW)
     if dw.numel() == 0:
         return dw
@@ -753,12 +993,14 @@ def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         return dw.zero_()
     mode = _mode(geo, algo)
     col = _im2col(x, geo) if mode == MODE_COL else x
-    tile = 32 if _INTERPRET else 128   # a typical tile edge, to size the split
+    tile = 32 if INTERPRET else 128   # a typical tile edge, to size the split
     n_tiles = geo.KH * geo.KW * triton.cdiv(geo.Cg, tile) if mode == MODE_TILED else triton.cdiv(geo.Kg, tile)
     out_tiles = triton.cdiv(geo.Cout_g, tile) * n_tiles * geo.groups
     splits, chunk = _split_k(geo.M_out, out_tiles, x.device)
     direct = splits == 1 and dw.dtype == torch.float32
     ws = dw if direct else new_output((splits, *weight.shape), weight, dtype=torch.float32)
+    dbs = db if db is None or splits == 1 else new_output((splits, geo.Cout), x, dtype=torch.float32)
+    s, t, y, ga, gb = hooks.args(grad_out)
 
     def grid(meta):
         if mode == MODE_TILED:
@@ -768,11 +1010,14 @@ def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         return (triton.cdiv(geo.Cout_g, meta["BLOCK_M"]) * n_tiles, splits, geo.groups)
 
     _conv_wgrad_kernel[grid](
-        grad_out, x, col, ws, geo.M_out, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
-        geo.Kg, geo.groups * geo.Kg, chunk, *grad_out.stride(), *x.stride(), *geo.conv_args,
-        MODE=mode, PREC=prec)
+        grad_out, x, col, ws, y, ga, gb, s, t, dbs if dbs is not None else ws,
+        geo.M_out, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
+        geo.Kg, geo.groups * geo.Kg, chunk, *grad_out.stride(), *x.stride(), *y.stride(), *geo.conv_args,
+        MODE=mode, PREC=prec, GRAD_AFFINE=hooks.affine, PROLOGUE=hooks.prologue, DBIAS=db is not None)
     if not direct:
         _sum_splits(ws, dw)
+    if db is not None and splits > 1:
+        _sum_splits(dbs, db)
     return dw
 
 
@@ -782,7 +1027,7 @@ def _bias_grad(grad_out, geo: _Geometry) -> torch.Tensor:
         return db
     if geo.M_out == 0:
         return db.zero_()
-    bp, bc = (16, 16) if _INTERPRET else (64, 64)
+    bp, bc = (16, 16) if INTERPRET else (64, 64)
     c_tiles = triton.cdiv(geo.Cout, bc)
     splits, chunk = _split_k(geo.M_out, c_tiles, grad_out.device)
     ws = new_output((splits, geo.Cout), grad_out, dtype=torch.float32)
@@ -795,19 +1040,102 @@ def _bias_grad(grad_out, geo: _Geometry) -> torch.Tensor:
 def conv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
                     groups: int, output_mask, algo: str = "auto"):
     """(grad_x, grad_w, grad_b) of conv2d; an entry whose output_mask is False is x.new_empty(0).
-    grad_x: x's shape/dtype, channels_last iff x is; grad_w: weight's shape/dtype, contiguous; grad_b: (C_out,)."""
+
+    grad_out: (N, C_out, P, Q) x's dtype, any strides; x, weight, stride, padding, dilation, groups, algo as
+    conv2d's; output_mask: [bool, bool, bool]. grad_x: x's shape/dtype, channels_last iff x is; grad_w: weight's
+    shape/dtype, contiguous; grad_b: (C_out,) x's dtype."""
     geo = _check_conv(x, weight, None, stride, padding, dilation, groups, algo)
     _check_mask(output_mask)
     check_tensor(grad_out, "grad_out")
-    _check_device(x, grad_out)
+    check_device(x, grad_out)
     if grad_out.dtype != x.dtype:
         raise RuntimeError(f"grad_out type ({grad_out.dtype}) and input type ({x.dtype}) should be the same")
     expected = (geo.N, geo.Cout, geo.P, geo.Q)
     if tuple(grad_out.shape) != expected:
         raise RuntimeError(f"grad_out must have shape {list(expected)}, got {list(grad_out.shape)}")
     prec = _precision(x.dtype)
-    with _device_guard(x):
+    with device_guard(x):
         grad_x = _dgrad(grad_out, x, weight, geo, algo, prec) if output_mask[0] else x.new_empty(0)
         grad_w = _wgrad(grad_out, x, weight, geo, algo, prec) if output_mask[1] else x.new_empty(0)
         grad_b = _bias_grad(grad_out, geo) if output_mask[2] else x.new_empty(0)
     return grad_x, grad_w, grad_b
+
+
+def _stats_grad_hooks(grad, y, grad_mean, grad_var, mean, in_scale, in_shift, geo: _Geometry) -> _Hooks:
+    """The backward's hooks: PROLOGUE from in_scale/in_shift; GRAD_AFFINE when the statistics got gradients,
+    g' = grad + g_alpha*y + g_beta with g_alpha = 2*dL/dvar / M, g_beta = dL/dmean / M - g_alpha*mean
+    (M = N*P*Q; d var/dy = 2*(y - mean)/M, d mean/dy = 1/M)."""
+    if (grad_mean is None and grad_var is None) or geo.M_out == 0:
+        return _Hooks(in_scale, in_shift)
+    check_tensor(y, "y", ndim=4)
+    if y.shape != grad.shape:
+        raise ValueError(f"y must have shape {tuple(grad.shape)}, got {tuple(y.shape)}")
+    check_vector(mean, "mean", geo.Cout)
+    for v, name in ((grad_mean, "grad_mean"), (grad_var, "grad_var")):
+        if v is not None:
+            check_vector(v, name, geo.Cout)
+    check_device(grad, y, mean, grad_mean, grad_var)
+    g_alpha = grad_var * (2.0 / geo.M_out) if grad_var is not None else torch.zeros_like(mean)
+    g_beta = -g_alpha * mean
+    if grad_mean is not None:
+        g_beta = g_beta + grad_mean / geo.M_out
+    return _Hooks(in_scale, in_shift, y, g_alpha.contiguous(), g_beta.contiguous())
+
+
+def _fused_dgrad(grad, x, weight, geo: _Geometry, prec: str, hooks: _Hooks):
+    """(dx, d_in_scale, d_in_shift) of conv_bn_relu: dgrad with GRAD_AFFINE / PROLOGUE hooks."""
+    dx = new_output(x.shape, x, memory_format=dense_format(x))
+    partials = _partials(geo.M_in, geo.C, x) if hooks.prologue else None
+    if dx.numel() and geo.Cout_g:
+        _launch_dgrad(grad, x, _kernel_weight(weight), dx, geo, prec, hooks, partials)
+        if hooks.prologue:
+            tiles = _tiles_used(_conv_dgrad_kernel, geo.M_in)
+            return dx, partials[0][:tiles].sum(0), partials[1][:tiles].sum(0)
+    else:   # no pixel or no output channel: dL/da = 0
+        dx.zero_()
+    if not hooks.prologue:
+        return dx, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
+    return dx, x.new_zeros((geo.C,), dtype=torch.float32), x.new_zeros((geo.C,), dtype=torch.float32)
+
+
+def _fused_wgrad(grad, x, weight, geo: _Geometry, prec: str, hooks: _Hooks, has_bias: bool):
+    """(dweight, dbias) of conv_bn_relu: wgrad with GRAD_AFFINE / PROLOGUE / DBIAS hooks; dbias float32."""
+    if weight.numel() and geo.M_out:
+        db = new_output((geo.Cout,), x, dtype=torch.float32) if has_bias else None
+        dw = _wgrad(grad, x, weight, geo, "implicit_gemm", prec, hooks, db)
+    else:   # nothing to multiply (C_in = 0, or no output pixel): the bias gradient by plain tensor ops
+        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        g = grad.float()
+        if hooks.affine:
+            g = g + hooks.g_alpha.view(1, -1, 1, 1) * hooks.y.float() + hooks.g_beta.view(1, -1, 1, 1)
+        db = g.sum((0, 2, 3)) if has_bias else None
+    return dw, db if has_bias else x.new_empty((0,), dtype=torch.float32)
+
+
+def conv_bn_relu_backward(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
+                          dilation, groups: int, has_bias: bool, compute_dx: bool = True):
+    """Gradients (dx, dweight, dbias, d_in_scale, d_in_shift) of conv_bn_relu.
+
+    grad: (N, C_out, P, Q) any float dtype (cast to x's), any strides: dL/dy. y: conv_bn_relu's output, mean:
+    its batch mean (float32 (C_out,)), grad_mean, grad_var: dL/dmean, dL/dvar (contiguous float32 (C_out,), either
+    may be None; y and mean are read only when one is given): their contribution g' = grad + g_alpha*y + g_beta
+    is folded into the gradient loads of dgrad and wgrad. x, weight, in_scale, in_shift, stride, padding,
+    dilation, groups as in conv_bn_relu.
+    Returns dx (x's shape, dtype and memory format; computed when compute_dx or in_scale is given, else an empty
+    x.dtype tensor), dweight (weight's shape and dtype, contiguous), dbias (float32 (C_out,), empty without
+    has_bias), d_in_scale, d_in_shift (float32 (C_in,), empty without in_scale)."""
+    geo = _check_conv_bn_relu(x, weight, None, in_scale, in_shift, stride, padding, dilation, groups)
+    check_tensor(grad, "grad_output", ndim=4)
+    check_device(x, grad)
+    if tuple(grad.shape) != (geo.N, geo.Cout, geo.P, geo.Q):
+        raise ValueError(f"grad_output must have shape {(geo.N, geo.Cout, geo.P, geo.Q)}, got {tuple(grad.shape)}")
+    hooks = _stats_grad_hooks(grad, y, grad_mean, grad_var, mean, in_scale, in_shift, geo)
+    grad = grad.to(x.dtype)
+    prec = _precision(x.dtype)
+    with device_guard(x):
+        if compute_dx or hooks.prologue:
+            dx, d_scale, d_shift = _fused_dgrad(grad, x, weight, geo, prec, hooks)
+        else:   # e.g. the network's input image: no dgrad at all
+            dx, d_scale, d_shift = x.new_empty((0,)), *(x.new_empty((0,), dtype=torch.float32) for _ in range(2))
+        dw, db = _fused_wgrad(grad, x, weight, geo, prec, hooks, has_bias)
+    return dx, dw, db, d_scale, d_shift

@@ -82,10 +82,10 @@ def _check_args(p: float, seed: int) -> None:
         raise ValueError(f"seed must be an int64, got {seed!r}")
 
 
-def dropout_fwd(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """x: any shape float32|float16|bfloat16 -> x * (u(seed, i) > float32(p) ? 1/(1-p) : 0), x's shape/dtype/format.
 
-    Also the backward: dropout_fwd(grad_out, p, seed) with the forward's seed.
+    Also the backward: dropout(grad_out, p, seed) with the forward's seed.
     """
     check_tensor(x, "x")
     _check_args(p, seed)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedcnn.reference.pooling import adaptive_geometry, pooled_size, regular_geometry
+from fusedcnn.common import adaptive_geometry, pooled_size, regular_geometry
 
 from ._common import check_tensor, dense_format, new_output
 
@@ -321,13 +321,13 @@ def _shape_only(input_size, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(input_size, device="meta", dtype=like.dtype)
 
 
-def max_pool2d_fwd(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     _check_x(x)
     dh, dw = _regular_dims("max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode)
     return _launch_forward(x, dh, dw, is_max=True, want_idx=return_indices)
 
 
-def max_pool2d_bwd(grad_out, x, kernel_size, stride, padding, dilation, ceil_mode):
+def max_pool2d_backward(grad_out, x, kernel_size, stride, padding, dilation, ceil_mode):
     _check_x(x)
     if grad_out.dtype != x.dtype or grad_out.device != x.device:
         raise ValueError("grad_out and x must share a dtype and a device")
@@ -341,14 +341,14 @@ def _avg_args(divisor_override):
     return divisor_override or 0
 
 
-def avg_pool2d_fwd(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+def avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     _check_x(x)
     div = _avg_args(divisor_override)
     dh, dw = _regular_dims("avg_pool2d", x, kernel_size, stride, padding, 1, ceil_mode)
     return _launch_forward(x, dh, dw, is_max=False, count_pad=count_include_pad, divisor=div)[0]
 
 
-def avg_pool2d_bwd(grad_out, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
+def avg_pool2d_backward(grad_out, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
                    divisor_override):
     div = _avg_args(divisor_override)
     dh, dw = _regular_dims("avg_pool2d", _shape_only(input_size, grad_out), kernel_size, stride, padding, 1,
@@ -361,25 +361,25 @@ def _adaptive_dims(fn, x, output_size):
     return adaptive_dim(x.shape[2], oh), adaptive_dim(x.shape[3], ow)
 
 
-def adaptive_avg_pool2d_fwd(x, output_size):
+def adaptive_avg_pool2d(x, output_size):
     _check_x(x)
     dh, dw = _adaptive_dims("adaptive_avg_pool2d", x, output_size)
     return _launch_forward(x, dh, dw, is_max=False)[0]
 
 
-def adaptive_avg_pool2d_bwd(grad_out, input_size):
+def adaptive_avg_pool2d_backward(grad_out, input_size):
     check_tensor(grad_out, "grad_out", ndim=4)
     dh, dw = _adaptive_dims("adaptive_avg_pool2d", _shape_only(input_size, grad_out), grad_out.shape[2:])
     return _launch_backward(grad_out, input_size, dh, dw, mode=1)
 
 
-def adaptive_max_pool2d_fwd(x, output_size):
+def adaptive_max_pool2d(x, output_size):
     _check_x(x)
     dh, dw = _adaptive_dims("adaptive_max_pool2d", x, output_size)
     return _launch_forward(x, dh, dw, is_max=True, want_idx=True)
 
 
-def adaptive_max_pool2d_bwd(grad_out, indices, input_size):
+def adaptive_max_pool2d_backward(grad_out, indices, input_size):
     check_tensor(grad_out, "grad_out", ndim=4)
     check_tensor(indices, "indices", ndim=4, dtypes=(torch.int64,))
     if indices.shape != grad_out.shape or indices.device != grad_out.device:

@@ -4,8 +4,8 @@ A `Case` is one layer on one shape. The harness (benchmarks/kernels.py) runs it 
 precision ("float32", "tf32", "bfloat16", "float16"), a layout ("nchw", "channels_last")
 and a mode ("fwd", "fwdbwd") for torch and every fusedcnn backend.
 
-One module per layer family (conv, batchnorm, activation, pooling, dropout), each with
-`cases(shapes: Shapes) -> list[Case]`. Shapes come from the VGG16 layer table
+One module per layer family (fusedcnn.ops.FAMILIES: activation, batchnorm, conv, dropout, fused, pooling),
+named like the family, each with `cases(shapes: Shapes) -> list[Case]`. Shapes come from the VGG16 layer table
 (`vgg16_shapes`) at the groups in `GROUPS`.
 
 Minimum bytes (the floor the output's GB/s and %peak are measured against): the forward reads
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("conv", "batchnorm", "activation", "pooling", "dropout")
+from fusedcnn.ops import FAMILIES  # noqa: F401  (the one list of layer families)
 
 # Precision modes: the tensor dtype and whether TF32 is allowed for float32 matmul/conv.
 PRECISIONS = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

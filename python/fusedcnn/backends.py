@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from fusedcnn.common import triton_interpreted
+
 BACKENDS = ("torch", "reference", "triton", "cpp")
 CHOICES = BACKENDS + ("auto",)
 
@@ -77,10 +79,6 @@ def _triton_import_error() -> str | None:
         _import_errors["triton"] = "the triton package is not installed (pip install triton)" if missing else None
     return _import_errors["triton"]
 
-
-def triton_interpreted() -> bool:
-    """Triton kernels run on CPU tensors when TRITON_INTERPRET=1 was set before import."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:

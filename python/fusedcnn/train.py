@@ -6,6 +6,13 @@ Programmatic use (the benchmark harness calls this):
     metrics = run(TrainConfig(dataset="mnist-sample", backend="torch", width=1/16, resolution=32,
                               head="avgpool", steps=300, batch_size=64, output_dir=None))
 
+or step by step with `Trainer` (what run() does inside its signal and process-group set-up):
+
+    t = Trainer(config)                        # data, model, optimizer, scheduler, --resume
+    loss, correct = t.train_step(x, y)         # one optimizer step
+    t.finish_epoch(t.train_epoch())            # one epoch (or up to a stop request), validation, checkpoint
+    metrics = t.fit()                          # the rest of the run, test set, metrics.json
+
 What a run does: the dataset sits on the device as uint8 and every batch is augmented and resized there
 (fusedcnn.data); a tqdm bar shows loss, accuracy and images/s; the validation set is scored after every
 epoch; `<output-dir>/metrics.json` and `<output-dir>/checkpoint.pt` are rewritten atomically after every
@@ -13,6 +20,9 @@ epoch (temp file + os.replace). `--resume` restores model, optimizer, scheduler,
 and the position in the epoch, so an interrupted run ends with the same weights as an uninterrupted one.
 Ctrl-C (SIGINT or SIGTERM) finishes the current step, saves a checkpoint and exits with status 130.
 Everything random derives from --seed: same seed and backend, same result (on GPU add --deterministic).
+The model runs its fusable layer runs (Conv+BatchNorm+ReLU[+pool], Linear+ReLU+Dropout) through the chosen
+backend's fused functionals; --unfused runs every layer on its own. Either way, on every backend, the model
+has the same modules and state_dict keys, so a checkpoint resumes with another backend or fused setting.
 
 Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (NCCL on GPU, gloo on CPU);
 --batch-size is the global batch, split evenly over the ranks, so the run computes the same thing on any
@@ -24,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -41,16 +50,16 @@ from fusedcnn import backends
 from fusedcnn.convert import convert
 from fusedcnn.data import DATASETS, Dataset, load_dataset, make_batch, plan_epoch
 from fusedcnn.models.vgg import HEADS, check_resolution, vgg16
+from fusedcnn.ops import FAMILIES
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "plateau", "step", "onecycle")
 AMP_MODES = ("none", "bf16", "fp16")
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.01}
-FAMILIES = ("conv", "batchnorm", "activation", "pooling", "dropout")
 CHECKPOINT_FORMAT = 1
-# Options that may differ between a run and its --resume (everything else must match the checkpoint).
-# Options a --resume may change. backend too: every backend's model has the same state_dict keys and parameter
-# order (vgg16's fused triton layout included), so a run can go on elsewhere, e.g. on CPU after a GPU run.
+# Options a --resume may change (everything else must match the checkpoint). backend and fused too: the model
+# has the same modules, state_dict keys and parameter order whichever backend runs it, fused or not, so a run
+# can go on elsewhere, e.g. on CPU after a GPU run.
 RESUMABLE_CHANGES = {"epochs", "steps", "output_dir", "resume", "progress", "data_root", "download", "log_every",
                      "checkpoint", "test", "eval_batch_size", "warmup_steps", "device", "threads", "backend",
                      "fused"}
@@ -67,7 +76,7 @@ class TrainConfig:
     augment: bool = True                     # random rotation +-15 deg, translation up to 10%
     # model
     backend: str = "auto"                    # torch | reference | triton | cpp | auto
-    fused: bool | None = None                # triton's fused Conv+BN+ReLU layout; None: on for backend triton
+    fused: bool = True                       # run Conv+BN+ReLU[+pool] / Linear+ReLU+Dropout fused (None: True)
     width: float = 1.0
     head: str = "classic"                    # classic (224x224) | avgpool | maxpool
     dropout: float = 0.5
@@ -127,8 +136,10 @@ class TrainConfig:
             raise ValueError("batch size must be at least 2: BatchNorm training needs more than one value per channel")
         if not self.width > 0:
             raise ValueError(f"width must be positive, got {self.width}")
-        if self.fused and self.backend != "triton":
-            raise ValueError(f"fused=True (the fused Conv+BN+ReLU layers) needs backend 'triton', got {self.backend!r}")
+        if self.fused is None:  # configs written when None meant "the backend's default"
+            self.fused = True
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be True or False, got {self.fused!r}")
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.dropout}")
         if self.lr is not None and not self.lr > 0:
@@ -340,19 +351,22 @@ def run(config: TrainConfig, progress: bool | None = None,
     d, device = _setup_distributed(cfg.device)
     try:
         with _StopRequest() as stop:
-            return _run(cfg, d, device, show, stop, callback)
+            return Trainer(cfg, d, device, show=show, stop=stop, callback=callback).fit()
     finally:
         if d.owns_group:
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, d: _Dist, device: torch.device, show: bool, stop: _StopRequest, callback) -> dict:
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.main else (lambda msg: None)
+def _check_world(cfg: TrainConfig, d: _Dist) -> None:
     if cfg.batch_size % d.world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {d.world} processes")
     if cfg.batch_size // d.world < 2:
         raise ValueError("each process needs a batch of at least 2 (BatchNorm training needs more than one "
                          "value per channel)")
+
+
+def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+    """Process-wide settings of a run: determinism, cuDNN autotuning, CPU threads, the seed."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -362,210 +376,334 @@ def _run(cfg: TrainConfig, d: _Dist, device: torch.device, show: bool, stop: _St
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+
+
+def _resolve_backends(backend: str, device: torch.device) -> dict:
+    """Which implementation each layer family gets here; an unusable backend fails now, clearly."""
     probe = torch.empty(0, device=device)
-    try:  # which implementation each layer family gets here; an unusable backend fails now, clearly
-        backends_used = {fam: backends.resolve(cfg.backend, probe, fam) for fam in FAMILIES}
+    try:
+        return {fam: backends.resolve(backend, probe, fam) for fam in FAMILIES}
     except RuntimeError as e:
         raise ValueError(str(e)) from None
 
-    data: Dataset = load_dataset(cfg.dataset, cfg.data_root, cfg.download, device, log=say)
-    train_x, train_y = data.train_x, data.train_y
-    if cfg.train_samples is not None:
-        train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
-    if cfg.batch_size > len(train_y):
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({len(train_y)} images)")
-    steps_per_epoch = len(train_y) // cfg.batch_size
-    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    resolutions = cfg.train_resolutions()
 
-    model = vgg16(data.in_channels, data.num_classes, cfg.width, cfg.head, cfg.dropout, cfg.backend, cfg.fused)
-    if d.world > 1 and cfg.sync_bn:
-        model = convert(model, cfg.backend, sync_bn=True)
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    optimizer = _make_optimizer(cfg, model.parameters())
-    scheduler = _make_scheduler(cfg, optimizer, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+def _config_json(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
-    # state that a checkpoint carries
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    history = {"epochs": [], "loss_curve": [], "best_val_acc": None}
-    out_dir = cfg.output_dir
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if cfg.resume:
-        path = ckpt_path if cfg.resume == "auto" else cfg.resume
+
+@dataclass
+class EpochStats:
+    """What Trainer.train_epoch measured: per-step losses (device tensors), correct predictions, images seen."""
+    epoch: int
+    plan_steps: int                  # steps in the whole epoch (the loop may stop before)
+    losses: list = field(default_factory=list)
+    correct: torch.Tensor | None = None
+    seen: int = 0
+    time_s: float = 0.0
+
+
+class Trainer:
+    """One training run, step by step. `run()` is `Trainer(...).fit()` inside the signal and process-group set-up.
+
+    Construction does the set-up: seeds, resolves the backends, loads the data, builds model + optimizer +
+    scheduler + AMP scaler (`build`), restores `cfg.resume` (`resume`), wraps the model for DDP / torch.compile
+    (`net`). Then `train_step` (one optimizer step on a batch), `train_epoch` (the steps of one epoch, or up to a
+    stop request), `finish_epoch` (loss curve, validation, schedule, checkpoint), `save_checkpoint`, `metrics`
+    and `fit` (the whole run) can be called separately. `stop` is anything with a boolean `requested`; `d` and
+    `device` default to a single process on cfg.device (else cuda if available, else cpu).
+    """
+
+    def __init__(self, cfg: TrainConfig, d: _Dist | None = None, device: torch.device | str | None = None, *,
+                 show: bool = False, stop=None, callback: Callable[[dict], None] | None = None):
+        self.cfg = cfg = dataclasses.replace(cfg).validate()
+        self.d = d = d if d is not None else _Dist()
+        self.device = torch.device(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.show, self.callback = show, callback
+        self.stop = stop if stop is not None else _StopRequest()  # not entered: a flag only
+        self.say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.main else (lambda msg: None)
+        _check_world(cfg, d)
+        _configure_torch(cfg, self.device)
+        self.backends_used = _resolve_backends(cfg.backend, self.device)
+        self._load_data()
+        self.resolutions = cfg.train_resolutions()
+        self.build()
+        # the state a checkpoint carries (besides model, optimizer, scheduler and scaler)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history = {"epochs": [], "loss_curve": [], "best_val_acc": None}
+        self.ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt") if cfg.output_dir else None
+        if cfg.resume:
+            self.resume(self.ckpt_path if cfg.resume == "auto" else cfg.resume)
+        if cfg.output_dir and d.main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        self.net = self._wrap(self.model)
+        # this session's bookkeeping
+        self.interrupted = False
+        self.train_time, self.session_images = 0.0, 0
+        self.steady = {"start_step": self.global_step + cfg.warmup_steps, "time": 0.0, "images": 0}
+        self.bar = None
+
+    # ------------------------------------------------------------ set-up
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        self.data: Dataset = load_dataset(cfg.dataset, cfg.data_root, cfg.download, self.device, log=self.say)
+        self.train_x, self.train_y = self.data.train_x, self.data.train_y
+        if cfg.train_samples is not None:
+            self.train_x, self.train_y = self.train_x[: cfg.train_samples], self.train_y[: cfg.train_samples]
+        if cfg.batch_size > len(self.train_y):
+            raise ValueError(f"batch size {cfg.batch_size} is larger than the training set "
+                             f"({len(self.train_y)} images)")
+        steps_per_epoch = len(self.train_y) // cfg.batch_size
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+        local_b = cfg.batch_size // self.d.world
+        self.shard = slice(self.d.rank * local_b, (self.d.rank + 1) * local_b)  # this rank's part of a batch
+
+    def build(self) -> None:
+        """The model (on the device, sync BatchNorm under DDP), optimizer, scheduler and AMP grad scaler."""
+        cfg, device = self.cfg, self.device
+        model = vgg16(self.data.in_channels, self.data.num_classes, cfg.width, cfg.head, cfg.dropout,
+                      cfg.backend, cfg.fused)
+        if self.d.world > 1 and cfg.sync_bn:
+            model = convert(model, cfg.backend, sync_bn=True)
+        fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.model = model.to(device, memory_format=fmt)
+        self.optimizer = _make_optimizer(cfg, self.model.parameters())
+        self.scheduler = _make_scheduler(cfg, self.optimizer, self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        net = model
+        if self.d.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            net = torch.compile(net, mode=self.cfg.compile_mode)
+        return net
+
+    # ------------------------------------------------------------ checkpoints
+    def resume(self, path: str | None) -> None:
+        """Continue from the checkpoint at `path`: it must come from a run with the same options."""
         if path is None:
             raise ValueError("--resume auto needs an output dir")
-        ckpt = load_checkpoint(path, map_location=device)
-        _check_resume_config(ckpt["config"], cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        history = ckpt["history"]
+        ckpt = load_checkpoint(path, map_location=self.device)
+        _check_resume_config(ckpt["config"], self.cfg)
+        self.load_state(ckpt)
+        self.say(f"fusedcnn: resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+
+    def load_state(self, ckpt: dict) -> None:
+        """Restore everything `checkpoint_state` saved: weights, optimizer, scheduler, scaler, position, RNG."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.history = ckpt["history"]
         rng = ckpt["rng"]
-        if len(rng) != d.world:
-            say(f"fusedcnn: checkpoint has RNG states for {len(rng)} processes, this run has {d.world}: "
-                f"dropout draws will differ from the original run")
-        _set_rng_state(rng[d.rank % len(rng)], device)
-        say(f"fusedcnn: resumed from {path} at epoch {epoch}, step {global_step}")
-    if out_dir and d.main:
-        os.makedirs(out_dir, exist_ok=True)
+        if len(rng) != self.d.world:
+            self.say(f"fusedcnn: checkpoint has RNG states for {len(rng)} processes, this run has {self.d.world}: "
+                     f"dropout draws will differ from the original run")
+        _set_rng_state(rng[self.d.rank % len(rng)], self.device)
 
-    net = model
-    if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net, mode=cfg.compile_mode)
+    def checkpoint_state(self, rng: list[dict]) -> dict:
+        """The checkpoint (format CHECKPOINT_FORMAT); `rng`: every process's RNG states, by rank."""
+        return {"format": CHECKPOINT_FORMAT, "config": _config_json(self.cfg),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "rng": rng, "history": self.history}
 
-    def save_checkpoint():
-        rng = [_rng_state(device)]
-        if d.world > 1:
-            rng = [None] * d.world
+    def save_checkpoint(self) -> None:
+        """Write <output_dir>/checkpoint.pt atomically (rank 0). Collective under DDP: every rank calls it."""
+        rng = [_rng_state(self.device)]
+        if self.d.world > 1:
+            rng = [None] * self.d.world
             dist.all_gather_object(rng, {k: (v.cpu() if v is not None else None)
-                                         for k, v in _rng_state(device).items()})
-        if not (ckpt_path and cfg.checkpoint and d.main):
-            return
-        atomic_save({"format": CHECKPOINT_FORMAT, "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                     "global_step": global_step, "rng": rng, "history": history}, ckpt_path)
+                                         for k, v in _rng_state(self.device).items()})
+        if self.ckpt_path and self.cfg.checkpoint and self.d.main:
+            atomic_save(self.checkpoint_state(rng), self.ckpt_path)
 
-    local_b = cfg.batch_size // d.world
-    shard = slice(d.rank * local_b, (d.rank + 1) * local_b)
-    images_per_step = cfg.batch_size
-    steady = {"start_step": global_step + cfg.warmup_steps, "time": 0.0, "images": 0}
-    train_time, session_images = 0.0, 0
-    interrupted = False
-    bar = None
-    if show and d.main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    # ------------------------------------------------------------ training
+    def batch(self, plan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of step `i` of an epoch plan: (augmented, resized images, labels)."""
+        idx = plan.indices[i, self.shard]
+        aug = plan.augment[i, self.shard] if plan.augment is not None else None
+        res = self.resolutions[int(plan.resolution[i])]
+        return make_batch(self.train_x[idx], res, aug, self.cfg.channels_last), self.train_y[idx]
 
-    while global_step < total_steps and not interrupted:
-        plan = plan_epoch(len(train_y), cfg.batch_size, cfg.seed, epoch, len(resolutions), cfg.augment, device)
-        net.train()
-        losses, correct = [], torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on (x, y): forward under autocast, backward through the grad scaler, optimizer
+        (and OneCycle) step. Returns (loss, number correct) as device tensors, without a device sync.
+        The model must be in training mode (train_epoch sets it)."""
+        with _autocast(self.cfg, self.device):
+            out = self.net(x)
+            loss = F.cross_entropy(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.cfg.schedule == "onecycle":
+            self.scheduler.step()
+        return loss.detach(), (out.detach().argmax(1) == y).sum()
+
+    def stop_requested(self) -> bool:
+        """Ctrl-C: every process must stop at the same step (checked collectively every log_every steps)."""
+        if self.d.world == 1:
+            return bool(self.stop.requested)
+        if self.global_step % self.cfg.log_every:
+            return False
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
+        return bool(self.d.all_reduce(flag, dist.ReduceOp.MAX).item())
+
+    def train_epoch(self) -> EpochStats:
+        """The remaining steps of the current epoch, up to total_steps or a stop request (sets `interrupted`)."""
+        cfg, device = self.cfg, self.device
+        plan = plan_epoch(len(self.train_y), cfg.batch_size, cfg.seed, self.epoch, len(self.resolutions),
+                          cfg.augment, device)
+        self.net.train()
+        stats = EpochStats(self.epoch, plan.steps, correct=torch.zeros((), device=device, dtype=torch.int64))
         _sync(device)
         t_epoch = seg_start = time.perf_counter()
         seg_images = 0
-        while step_in_epoch < plan.steps and global_step < total_steps:
-            # Ctrl-C: every process must stop at the same step (checked collectively every log_every steps)
-            stop_now = stop.requested
-            if d.world > 1:
-                stop_now = False
-                if global_step % cfg.log_every == 0:
-                    stop_now = bool(d.all_reduce(torch.tensor([float(stop.requested)], device=device),
-                                                 dist.ReduceOp.MAX).item())
-            if stop_now:
-                interrupted = True
+        while self.step_in_epoch < plan.steps and self.global_step < self.total_steps:
+            if self.stop_requested():
+                self.interrupted = True
                 break
-            if global_step == steady["start_step"]:
+            if self.global_step == self.steady["start_step"]:
                 _sync(device)
                 seg_start, seg_images = time.perf_counter(), 0
-            idx = plan.indices[step_in_epoch, shard]
-            aug = plan.augment[step_in_epoch, shard] if plan.augment is not None else None
-            x = make_batch(train_x[idx], resolutions[int(plan.resolution[step_in_epoch])], aug, cfg.channels_last)
-            y = train_y[idx]
-            with _autocast(cfg, device):
-                out = net(x)
-                loss = F.cross_entropy(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if cfg.schedule == "onecycle":
-                scheduler.step()
-            losses.append(loss.detach())
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
-            step_in_epoch += 1
-            global_step += 1
-            seg_images += images_per_step
-            session_images += images_per_step
-            if bar is not None:
-                bar.update(1)
-                if global_step % cfg.log_every == 0 or step_in_epoch == plan.steps:
-                    elapsed = time.perf_counter() - t_epoch
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", acc=f"{correct.item() / seen:.3f}",
-                                    img_s=f"{step_in_epoch * images_per_step / max(elapsed, 1e-9):.0f}")
-            if callback is not None:
-                callback({"step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch})
+            x, y = self.batch(plan, self.step_in_epoch)
+            loss, correct = self.train_step(x, y)
+            stats.losses.append(loss)
+            stats.correct += correct
+            stats.seen += len(y)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            seg_images += cfg.batch_size
+            self.session_images += cfg.batch_size
+            self._show_progress(stats, loss, t_epoch)
+            if self.callback is not None:
+                self.callback({"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch})
         _sync(device)
         t_end = time.perf_counter()
-        epoch_time = t_end - t_epoch
-        train_time += epoch_time
-        if global_step > steady["start_step"]:
-            steady["time"] += t_end - seg_start
-            steady["images"] += seg_images
+        stats.time_s = t_end - t_epoch
+        self.train_time += stats.time_s
+        if self.global_step > self.steady["start_step"]:  # steady state: the steps after the warm-up
+            self.steady["time"] += t_end - seg_start
+            self.steady["images"] += seg_images
+        return stats
 
-        # epoch bookkeeping: global loss curve and training accuracy (one all-reduce each)
-        done_steps = len(losses)
-        if done_steps:
-            curve = d.all_reduce(torch.stack(losses).float()) / d.world
-            totals = d.all_reduce(torch.stack([correct.double(), torch.tensor(float(seen), device=device,
-                                                                              dtype=torch.float64)]))
-            history["loss_curve"].extend(curve.tolist())
-        epoch_done = step_in_epoch == plan.steps
-        if done_steps and (epoch_done or global_step >= total_steps):
-            val = _evaluate_all(model, data.val_x, data.val_y, cfg, d)
-            lr = optimizer.param_groups[0]["lr"]
-            if cfg.schedule == "plateau":
-                scheduler.step(val["loss"])
-            elif cfg.schedule == "step" and epoch_done:
-                scheduler.step()
-            record = {"epoch": epoch, "steps": global_step, "partial": not epoch_done,
-                      "train_loss": sum(history["loss_curve"][-done_steps:]) / done_steps,
-                      "train_acc": (totals[0] / totals[1]).item(), "val_loss": val["loss"], "val_acc": val["acc"],
-                      "lr": lr, "time_s": epoch_time, "images_per_s": done_steps * images_per_step / epoch_time}
-            if "acc_by_resolution" in val:
-                record["val_acc_by_resolution"] = val["acc_by_resolution"]
-            history["epochs"].append(record)
-            best = history["best_val_acc"]
-            history["best_val_acc"] = val["acc"] if best is None else max(best, val["acc"])
-            say(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
-                f"val loss {val['loss']:.4f} acc {val['acc']:.4f} | {record['images_per_s']:.0f} img/s")
+    def _show_progress(self, stats: EpochStats, loss: torch.Tensor, t_epoch: float) -> None:
+        """Advance the bar; every log_every steps (and at the epoch's end) show loss, accuracy, images/s."""
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if self.global_step % self.cfg.log_every == 0 or self.step_in_epoch == stats.plan_steps:
+            elapsed = time.perf_counter() - t_epoch
+            self.bar.set_postfix(epoch=self.epoch, loss=f"{loss.item():.4f}",
+                                 acc=f"{stats.correct.item() / stats.seen:.3f}",
+                                 img_s=f"{self.step_in_epoch * self.cfg.batch_size / max(elapsed, 1e-9):.0f}")
+
+    def finish_epoch(self, stats: EpochStats) -> dict | None:
+        """After train_epoch: extend the loss curve; validate and record the epoch if it (or the run) is done;
+        step the schedule; move to the next epoch; checkpoint at an epoch's end, a stop or the last step.
+        Returns the epoch's record (None when nothing was recorded)."""
+        d, done_steps, record = self.d, len(stats.losses), None
+        if done_steps:  # global loss curve and training accuracy: one all-reduce each
+            curve = d.all_reduce(torch.stack(stats.losses).float()) / d.world
+            seen = torch.tensor(float(stats.seen), device=self.device, dtype=torch.float64)
+            totals = d.all_reduce(torch.stack([stats.correct.double(), seen]))
+            self.history["loss_curve"].extend(curve.tolist())
+        epoch_done = self.step_in_epoch == stats.plan_steps
+        if done_steps and (epoch_done or self.global_step >= self.total_steps):
+            record = self._record_epoch(stats, (totals[0] / totals[1]).item(), epoch_done)
         if epoch_done:
-            epoch, step_in_epoch = epoch + 1, 0
-        if epoch_done or interrupted or global_step >= total_steps:
-            save_checkpoint()
-    if bar is not None:
-        bar.close()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if epoch_done or self.interrupted or self.global_step >= self.total_steps:
+            self.save_checkpoint()
+        return record
 
-    metrics = {
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-        "fusedcnn_version": fusedcnn.__version__, "torch_version": torch.__version__,
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_size": d.world, "backends_used": backends_used,
-        "dataset": {"name": data.name, "source": data.source, "note": data.note,
-                    **data.sizes(), "train_used": len(train_y)},
-        "epochs": history["epochs"], "loss_curve": history["loss_curve"],
-        "val_acc": history["epochs"][-1]["val_acc"] if history["epochs"] else None,
-        "best_val_acc": history["best_val_acc"],
-        "steps": global_step, "train_time_s": train_time, "interrupted": interrupted,
-        # steady state: after the warm-up steps, validation excluded; a run shorter than that: the plain average
-        "images_per_s": (steady["images"] / steady["time"] if steady["time"] > 0 else
-                         session_images / train_time if train_time > 0 else None),
-        "checkpoint": ckpt_path if (ckpt_path and cfg.checkpoint) else None,
-    }
-    if cfg.test and not interrupted:
-        test = _evaluate_all(model, data.test_x, data.test_y, cfg, d)
-        metrics.update(test_loss=test["loss"], test_acc=test["acc"])
-        if "acc_by_resolution" in test:
-            metrics["test_acc_by_resolution"] = test["acc_by_resolution"]
-        say(f"test: loss {test['loss']:.4f} acc {test['acc']:.4f}")
-    metrics["peak_memory_mb"], metrics["peak_memory_kind"] = _peak_memory(device)
-    if out_dir and d.main:
-        _atomic_write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    if interrupted:
-        say(f"fusedcnn: interrupted at step {global_step}; checkpoint saved to {ckpt_path} "
-            f"(continue with --resume)" if metrics["checkpoint"] else
-            f"fusedcnn: interrupted at step {global_step} (no checkpoint: no output dir)")
-    return metrics
+    def _record_epoch(self, stats: EpochStats, train_acc: float, epoch_done: bool) -> dict:
+        done_steps = len(stats.losses)
+        val = self.validate()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.cfg.schedule == "plateau":
+            self.scheduler.step(val["loss"])
+        elif self.cfg.schedule == "step" and epoch_done:
+            self.scheduler.step()
+        record = {"epoch": stats.epoch, "steps": self.global_step, "partial": not epoch_done,
+                  "train_loss": sum(self.history["loss_curve"][-done_steps:]) / done_steps,
+                  "train_acc": train_acc, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+                  "time_s": stats.time_s, "images_per_s": done_steps * self.cfg.batch_size / stats.time_s}
+        if "acc_by_resolution" in val:
+            record["val_acc_by_resolution"] = val["acc_by_resolution"]
+        self.history["epochs"].append(record)
+        best = self.history["best_val_acc"]
+        self.history["best_val_acc"] = val["acc"] if best is None else max(best, val["acc"])
+        self.say(f"epoch {stats.epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+                 f"val loss {val['loss']:.4f} acc {val['acc']:.4f} | {record['images_per_s']:.0f} img/s")
+        return record
+
+    # ------------------------------------------------------------ evaluation and the whole run
+    def validate(self) -> dict:
+        """{"loss", "acc"[, "acc_by_resolution"]} on the validation set (leaves the model in eval mode)."""
+        return _evaluate_all(self.model, self.data.val_x, self.data.val_y, self.cfg, self.d)
+
+    def test(self) -> dict:
+        """{"loss", "acc"[, "acc_by_resolution"]} on the test set (leaves the model in eval mode)."""
+        return _evaluate_all(self.model, self.data.test_x, self.data.test_y, self.cfg, self.d)
+
+    def fit(self) -> dict:
+        """Train to total_steps (or a stop request), score the test set, write metrics.json; the metrics."""
+        if self.show and self.d.main:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        try:
+            while self.global_step < self.total_steps and not self.interrupted:
+                self.finish_epoch(self.train_epoch())
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        metrics = self.metrics()
+        if self.cfg.test and not self.interrupted:
+            test = self.test()
+            metrics.update(test_loss=test["loss"], test_acc=test["acc"])
+            if "acc_by_resolution" in test:
+                metrics["test_acc_by_resolution"] = test["acc_by_resolution"]
+            self.say(f"test: loss {test['loss']:.4f} acc {test['acc']:.4f}")
+        metrics["peak_memory_mb"], metrics["peak_memory_kind"] = _peak_memory(self.device)
+        self.write_metrics(metrics)
+        if self.interrupted:
+            self.say(f"fusedcnn: interrupted at step {self.global_step}; checkpoint saved to {self.ckpt_path} "
+                     f"(continue with --resume)" if metrics["checkpoint"] else
+                     f"fusedcnn: interrupted at step {self.global_step} (no checkpoint: no output dir)")
+        return metrics
+
+    def metrics(self) -> dict:
+        """The run's metrics so far (fit adds the test scores and peak memory)."""
+        cfg, d, data, device, steady = self.cfg, self.d, self.data, self.device, self.steady
+        epochs = self.history["epochs"]
+        return {
+            "config": _config_json(cfg),
+            "fusedcnn_version": fusedcnn.__version__, "torch_version": torch.__version__,
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": d.world, "backends_used": self.backends_used,
+            "dataset": {"name": data.name, "source": data.source, "note": data.note,
+                        **data.sizes(), "train_used": len(self.train_y)},
+            "epochs": epochs, "loss_curve": self.history["loss_curve"],
+            "val_acc": epochs[-1]["val_acc"] if epochs else None,
+            "best_val_acc": self.history["best_val_acc"],
+            "steps": self.global_step, "train_time_s": self.train_time, "interrupted": self.interrupted,
+            # steady state: after the warm-up steps, validation excluded; a run shorter than that: the plain average
+            "images_per_s": (steady["images"] / steady["time"] if steady["time"] > 0 else
+                             self.session_images / self.train_time if self.train_time > 0 else None),
+            "checkpoint": self.ckpt_path if (self.ckpt_path and cfg.checkpoint) else None,
+        }
+
+    def write_metrics(self, metrics: dict) -> None:
+        """<output_dir>/metrics.json, atomically, from rank 0 (nothing without an output dir)."""
+        if self.cfg.output_dir and self.d.main:
+            _atomic_write_json(metrics, os.path.join(self.cfg.output_dir, "metrics.json"))
 
 
 # ---------------------------------------------------------------- command line
@@ -585,7 +723,14 @@ def build_parser(prog: str = "python -m fusedcnn.train") -> argparse.ArgumentPar
     p = argparse.ArgumentParser(prog=prog, description="Train VGG16 (BatchNorm+ReLU after every conv) on "
                                 "MNIST / Fashion-MNIST with fusedcnn layers.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
+    _add_data_options(p.add_argument_group("data"), c)
+    _add_model_options(p.add_argument_group("model"), c)
+    _add_optimisation_options(p.add_argument_group("optimisation"), c)
+    _add_run_options(p.add_argument_group("run"), c)
+    return p
+
+
+def _add_data_options(g, c: TrainConfig) -> None:
     g.add_argument("--dataset", default=c.dataset, choices=DATASETS)
     g.add_argument("--data-root", default=c.data_root,
                    help="torchvision-layout folder (<root>/MNIST/raw/...); default ./data, then offline fallbacks")
@@ -593,7 +738,9 @@ def build_parser(prog: str = "python -m fusedcnn.train") -> argparse.ArgumentPar
     g.add_argument("--train-samples", type=int, default=c.train_samples, help="use only the first N training images")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random rotation/translation")
-    g = p.add_argument_group("model")
+
+
+def _add_model_options(g, c: TrainConfig) -> None:
     g.add_argument("--backend", default=c.backend, choices=backends.CHOICES)
     g.add_argument("--width", type=float, default=c.width, help="channel multiplier (e.g. 0.0625 = 1/16)")
     g.add_argument("--head", default=c.head, choices=HEADS)
@@ -603,12 +750,15 @@ def build_parser(prog: str = "python -m fusedcnn.train") -> argparse.ArgumentPar
                    help="mixed-resolution training, e.g. 32,48,64 (needs --head avgpool or maxpool)")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--amp", default=c.amp, choices=AMP_MODES)
-    g.add_argument("--unfused", dest="fused", action="store_const", const=False, default=None,
-                   help="with --backend triton: separate Conv2d / BatchNormReLU2d / pool layers instead of the fused "
-                        "ConvBNReLU2d layout (for comparing the two)")
+    g.add_argument("--unfused", dest="fused", action="store_const", const=False, default=c.fused,
+                   help="run every layer on its own (plain nn.Sequential) instead of the fused Conv+BN+ReLU[+pool] "
+                        "and Linear+ReLU+Dropout functionals of the chosen backend; same modules and state_dict, "
+                        "any backend, for comparing the two (fused=%(default)s without this flag)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", default=c.compile_mode, help="torch.compile mode, e.g. max-autotune")
-    g = p.add_argument_group("optimisation")
+
+
+def _add_optimisation_options(g, c: TrainConfig) -> None:
     g.add_argument("--epochs", type=int, default=c.epochs)
     g.add_argument("--steps", type=int, default=c.steps, help="total optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=c.batch_size, help="global batch, split over DDP ranks")
@@ -622,7 +772,9 @@ def build_parser(prog: str = "python -m fusedcnn.train") -> argparse.ArgumentPar
     g.add_argument("--lr-step-size", type=int, default=c.lr_step_size, help="StepLR period in epochs")
     g.add_argument("--lr-gamma", type=float, default=c.lr_gamma, help="StepLR / plateau decay factor")
     g.add_argument("--plateau-patience", type=int, default=c.plateau_patience)
-    g = p.add_argument_group("run")
+
+
+def _add_run_options(g, c: TrainConfig) -> None:
     g.add_argument("--seed", type=int, default=c.seed)
     g.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower)")
     g.add_argument("--device", default=c.device, help="default: cuda if available, else cpu")
@@ -638,7 +790,6 @@ def build_parser(prog: str = "python -m fusedcnn.train") -> argparse.ArgumentPar
                    help="steps left out of the steady-state images/s")
     g.add_argument("--log-every", type=int, default=c.log_every)
     g.add_argument("--no-progress", dest="progress", action="store_false")
-    return p
 
 
 def config_from_args(argv: list[str] | None = None, prog: str = "python -m fusedcnn.train") -> TrainConfig:

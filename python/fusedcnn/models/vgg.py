@@ -7,14 +7,13 @@
       any input of at least 32x32 (the five pools need one pixel left)
 
 `width` scales every channel count, the classifier's 4096 included (tests and CPU demos use width <= 1/8).
-Every layer takes `backend=`; nothing here depends on which backend runs it.
+Every layer takes `backend=`; the module tree is the same for every backend.
 
-fused (default: backend == "triton"): the fused Triton layers of fusedcnn.nn.fused in the same slots —
-`features` is a FusedSequential with ConvBNReLU2d at each conv's slot and nn.Identity at its
-BatchNormReLU2d's (the BatchNorm+ReLU is applied in the next conv's prologue or the 2x2 pool), and each
-classifier Linear, ReLU, Dropout becomes LinearReLUDropout, Identity, Identity. Same seed, same initial
-weights, same parameter order and the same state_dict keys as the unfused model, so checkpoints and
-optimizer states load into either layout.
+fused (default True): `features` and `classifier` are FusedSequential containers, which run each
+Conv2d -> BatchNormReLU2d [-> 2x2 MaxPool2d] and Linear -> ReLU -> Dropout run through the backend's fused
+functional (on triton: the BatchNorm+ReLU applied in the next conv's input prologue or the fused 2x2 pool,
+Linear+ReLU+dropout in one GEMM); fused=False uses plain nn.Sequential. The children, parameter names,
+state_dict keys and order are the same either way, so checkpoints and optimizer states load into both.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from torch import nn
 
 import fusedcnn.nn as fnn
 from fusedcnn.backends import check_backend_arg
-from fusedcnn.nn.fused import ConvBNReLU2d, FusedSequential, LinearReLUDropout
+from fusedcnn.nn.fused import FusedSequential
 
 # VGG16 ("configuration D"): output channels of the 13 convolutions, "M" = 2x2 max pool.
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -41,7 +40,7 @@ class VGG16(nn.Module):
     """VGG16-BN (see module docstring). Construct through `vgg16()`."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: float = 1.0, head: str = "classic",
-                 dropout: float = 0.5, backend: str = "auto", fused: bool | None = None):
+                 dropout: float = 0.5, backend: str = "auto", fused: bool | None = True):
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"vgg16: in_channels must be a positive integer, got {in_channels!r}")
@@ -54,13 +53,9 @@ class VGG16(nn.Module):
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout}")
         check_backend_arg(backend)
-        if fused is None:
-            fused = backend == "triton"
-        elif fused and backend != "triton":
-            raise ValueError(f"vgg16: fused=True needs backend='triton' (the fused Conv+BatchNorm+ReLU and "
-                             f"Linear+ReLU+Dropout layers are Triton kernels), got backend={backend!r}")
         self.head = head
-        self.fused = bool(fused)
+        self.fused = fused is None or bool(fused)  # None: the default (fused), as in earlier versions' configs
+        container = FusedSequential if self.fused else nn.Sequential
 
         layers: list[nn.Module] = []
         c_in = in_channels
@@ -70,13 +65,10 @@ class VGG16(nn.Module):
                 continue
             c_out = _scaled(v, width)
             # No conv bias: the BatchNorm right after subtracts any per-channel constant.
-            if fused:  # conv's slot; Identity keeps the BatchNorm's slot (and its state_dict keys)
-                layers += [ConvBNReLU2d(c_in, c_out, 3, padding=1, bias=False), nn.Identity()]
-            else:
-                layers += [fnn.Conv2d(c_in, c_out, 3, padding=1, bias=False, backend=backend),
-                           fnn.BatchNormReLU2d(c_out, backend=backend)]
+            layers += [fnn.Conv2d(c_in, c_out, 3, padding=1, bias=False, backend=backend),
+                       fnn.BatchNormReLU2d(c_out, backend=backend)]
             c_in = c_out
-        self.features = (FusedSequential if fused else nn.Sequential)(*layers)
+        self.features = container(*layers)
 
         if head == "classic":
             self.pool = nn.Identity()
@@ -88,12 +80,10 @@ class VGG16(nn.Module):
         hidden = _scaled(4096, width)
 
         def linear_relu_dropout(n_in: int, n_out: int) -> list[nn.Module]:
-            if fused:  # one GEMM with ReLU + dropout in its epilogue, at the Linear's slot
-                return [LinearReLUDropout(n_in, n_out, p=dropout), nn.Identity(), nn.Identity()]
             return [nn.Linear(n_in, n_out), fnn.ReLU(inplace=True, backend=backend),
                     fnn.Dropout(dropout, backend=backend)]
 
-        self.classifier = nn.Sequential(
+        self.classifier = container(
             nn.Flatten(1), *linear_relu_dropout(flat, hidden), *linear_relu_dropout(hidden, hidden),
             nn.Linear(hidden, num_classes),
         )
@@ -106,7 +96,7 @@ class VGG16(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm2d and BatchNormReLU2d
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -140,8 +130,8 @@ def check_resolution(head: str, height: int, width: int) -> None:
 
 
 def vgg16(in_channels: int = 1, num_classes: int = 10, width: float = 1.0, head: str = "classic",
-          dropout: float = 0.5, backend: str = "auto", fused: bool | None = None) -> VGG16:
+          dropout: float = 0.5, backend: str = "auto", fused: bool | None = True) -> VGG16:
     """VGG16 with BatchNormReLU2d after every conv (module docstring). Every layer runs on `backend`.
 
-    fused: None (default) = fused layers iff backend == "triton"; True with another backend is a ValueError."""
+    fused: True (default; None means the same) = FusedSequential containers, False = plain nn.Sequential."""
     return VGG16(in_channels, num_classes, width, head, dropout, backend, fused)

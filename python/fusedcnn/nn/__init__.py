@@ -1,13 +1,12 @@
-"""Drop-in replacements for torch.nn's CNN layers; each takes an extra keyword `backend="auto"`."""
-from fusedcnn.nn.activation import ReLU
-from fusedcnn.nn.batchnorm import BatchNorm2d, BatchNormReLU2d
-from fusedcnn.nn.conv import Conv2d
-from fusedcnn.nn.dropout import Dropout
-from fusedcnn.nn.fused import ConvBNReLU2d, FusedSequential, LinearReLUDropout, fuse_chain  # Triton fused layers
-from fusedcnn.nn.pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d
+"""Drop-in replacements for torch.nn's CNN layers; each takes an extra keyword `backend="auto"`.
 
-__all__ = [
-    "Conv2d", "BatchNorm2d", "BatchNormReLU2d", "ReLU", "MaxPool2d", "AvgPool2d",
-    "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Dropout",
-    "ConvBNReLU2d", "LinearReLUDropout", "FusedSequential", "fuse_chain",
-]
+One module per layer family; this package exports every module's __all__ (no list to keep by hand):
+Conv2d, BatchNorm2d, BatchNormReLU2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Dropout,
+and the fusion plan: FusedSequential, ConvBNReLU2d, LinearReLUDropout, fuse_chain.
+"""
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+_MODULES = [_importlib.import_module(f"{__name__}.{name}") for _, name, _ in sorted(_pkgutil.iter_modules(__path__))]
+__all__ = [name for module in _MODULES for name in module.__all__]
+globals().update({name: getattr(module, name) for module in _MODULES for name in module.__all__})

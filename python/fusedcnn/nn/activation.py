@@ -4,6 +4,8 @@ import torch
 from fusedcnn.backends import check_backend_arg
 from fusedcnn.ops.activation import relu
 
+__all__ = ["ReLU"]
+
 
 class ReLU(torch.nn.ReLU):
     """Drop-in torch.nn.ReLU. `backend`: "auto" (default), "torch", "reference", "triton" or "cpp"."""

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from fusedcnn.backends import check_backend_arg
 from fusedcnn.ops.conv import conv2d
 
+__all__ = ["Conv2d"]
+
 
 class Conv2d(torch.nn.Conv2d):
     """Drop-in torch.nn.Conv2d. `backend`: "auto" (default), "torch", "reference", "triton" or "cpp"."""

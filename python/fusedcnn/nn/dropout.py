@@ -4,6 +4,8 @@ import torch
 from fusedcnn.backends import check_backend_arg
 from fusedcnn.ops.dropout import dropout
 
+__all__ = ["Dropout"]
+
 
 class Dropout(torch.nn.Dropout):
     def __init__(self, p: float = 0.5, inplace: bool = False, *, backend: str = "auto"):

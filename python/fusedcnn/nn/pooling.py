@@ -4,6 +4,8 @@ import torch
 from fusedcnn.backends import check_backend_arg
 from fusedcnn.ops import pooling as P
 
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d"]
+
 
 class MaxPool2d(torch.nn.MaxPool2d):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False,

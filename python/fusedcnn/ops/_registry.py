@@ -1,13 +1,22 @@
-"""What every family's ops module shares: the compiled ops of each backend and their registration.
+"""The op registry: one schema table, the Triton custom ops generated from it, and one dispatch helper.
 
-A layer family has, per compiled backend, a forward op and a backward op:
-  cpp:    torch.ops.fusedcnn.<name>          schema in csrc/ops.cpp, kernels in csrc/<family>/
-  triton: torch.ops.fusedcnn.triton_<name>   a torch.library.custom_op over fusedcnn.triton_kernels
-Both get the same fake (shape) function and the same autograd formula, so
-torch.compile traces and torch.library.opcheck tests either one.
+Compiled ops. Every kernel entry point is a `torch.library` op with ONE schema (SCHEMAS, declared by each family's
+ops module with `define`):
+  cpp:    torch.ops.fusedcnn.<name>          defined in csrc/ops.cpp (the same schema, word for word:
+                                             tests/test_backends.py compares them), kernels in csrc/<family>/
+  triton: torch.ops.fusedcnn.triton_<name>   generated here: a custom_op whose body calls the launcher of
+                                             the same name in fusedcnn.triton_kernels.<family module>
+A family's ops module registers the fake (shape) function and the autograd formula once for both backends
+(`register`), so torch.compile traces and torch.library.opcheck tests either one.
+
+Implementations. Each layer family keeps one table backend -> implementation (`implement`); the public
+functionals normalize their arguments, then call `dispatch(family, backend, x)`, which resolves the backend
+(fusedcnn.backends: explicit choice, use_backend(), FUSEDCNN_BACKEND, "auto") and returns that table entry.
+No other module compares backend names.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -16,6 +25,29 @@ from fusedcnn import backends
 
 COMPILED_BACKENDS = ("triton", "cpp")
 
+# The one schema table: op name -> (module of fusedcnn.triton_kernels holding its launcher, schema). Each family's
+# ops module declares its ops with define(); the cpp schemas of csrc/ops.cpp must equal these word for word.
+SCHEMAS: dict[str, tuple[str, str]] = {}
+_ONLY: dict[str, str] = {}  # op name -> the one compiled backend that has it
+
+
+def define(kernels: str, schemas: dict[str, str], *, only: str | None = None) -> None:
+    """Declare ops {name: schema} whose Triton launchers live in fusedcnn.triton_kernels.<kernels> (same names);
+    only="cpp" / "triton" for ops one compiled backend alone has. Generates the torch.ops.fusedcnn.triton_<name>
+    custom ops (the cpp ones come from csrc/ops.cpp)."""
+    for name, schema in schemas.items():
+        SCHEMAS[name] = (kernels, schema)
+        if only is not None:
+            _ONLY[name] = only
+        if only in (None, "triton"):
+            torch.library.custom_op(f"fusedcnn::triton_{name}", _triton_body(name, kernels), mutates_args=(),
+                                    schema=schema)
+
+
+def has_op(backend: str, name: str) -> bool:
+    """Whether compiled backend `backend` defines op `name` (by the schema table)."""
+    return name in SCHEMAS and _ONLY.get(name, backend) == backend
+
 
 def op(backend: str, name: str):
     """The torch.ops op (OpOverload) implementing `name` in `backend` ("triton" or "cpp")."""
@@ -23,32 +55,74 @@ def op(backend: str, name: str):
     return getattr(torch.ops.fusedcnn, qualified).default
 
 
+def _triton_body(name: str, module: str) -> Callable:
+    """The custom op's body: the launcher `name` of fusedcnn.triton_kernels.<module>, imported on first call
+    (triton is optional: importing fusedcnn never imports it)."""
+    def body(*args):
+        launcher = getattr(importlib.import_module(f"fusedcnn.triton_kernels.{module}"), name)
+        out = launcher(*args)
+        return tuple(out) if isinstance(out, list) else out
+    body.__name__ = f"triton_{name}"
+    return body
+
+
 def registered_backends() -> list[str]:
     """The compiled backends whose ops exist in this process (cpp only when fusedcnn._C loaded)."""
     return [b for b in COMPILED_BACKENDS if b != "cpp" or backends._cpp_import_error() is None]
 
 
-def register(forward: str, *, fake: Callable, setup_context: Callable | None = None,
-             backward_factory: Callable[[str], Callable] | None = None,
-             only: tuple[str, ...] = COMPILED_BACKENDS) -> None:
-    """Register the fake function and (if given) the autograd formula of op `forward` for every compiled backend
-    (or those in `only`, for an op one backend alone has).
-
-    backward_factory(backend) returns the autograd backward for that backend, so
-    each backend's backward calls that backend's own backward kernels.
-    """
-    for backend in (b for b in registered_backends() if b in only):
+def register(name: str, *, fake: Callable, setup_context: Callable | None = None,
+             backward_factory: Callable[[str], Callable] | None = None) -> None:
+    """Register the fake function and (if given) the autograd formula of op `name` for every compiled backend
+    that has it. backward_factory(backend) returns the autograd backward for that backend, so each backend's
+    backward calls that backend's own backward kernels."""
+    for backend in (b for b in registered_backends() if _ONLY.get(name, b) == b):
         try:
-            fwd = op(backend, forward)
+            fwd = op(backend, name)
         except AttributeError:
             if backend != "cpp":
                 raise
             # A fusedcnn._C built from older sources: say so when the cpp backend is asked for,
             # instead of failing the whole import.
             backends._import_errors["cpp"] = (
-                f"fusedcnn._C is out of date (it has no op '{forward}'): rebuild it with "
+                f"fusedcnn._C is out of date (it has no op '{name}'): rebuild it with "
                 "`pip install --no-build-isolation -e .` (or bash scripts/setup.sh)")
             continue
         torch.library.register_fake(fwd)(fake)
         if backward_factory is not None:
             torch.library.register_autograd(fwd, backward_factory(backend), setup_context=setup_context)
+
+
+class CompiledOps:
+    """A compiled backend's ops as attributes: CompiledOps("cpp").max_pool2d is torch.ops.fusedcnn.max_pool2d."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or not has_op(self.backend, name):
+            raise AttributeError(name)
+        return op(self.backend, name)
+
+
+# ---------------------------------------------------------------- implementation tables and dispatch
+_IMPLEMENTATIONS: dict[str, dict[str, object]] = {}  # family -> {backend: implementation}
+
+
+def families() -> tuple[str, ...]:
+    """The layer families whose ops modules are loaded (fusedcnn.ops loads them all), sorted by name."""
+    return tuple(sorted(_IMPLEMENTATIONS))
+
+
+def implement(family: str, table: dict[str, object]) -> dict[str, object]:
+    """Register family's table {backend: implementation}; every backend of fusedcnn.backends must appear."""
+    missing = set(backends.BACKENDS) - set(table)
+    if missing:
+        raise ValueError(f"family {family!r} has no implementation for backend(s) {sorted(missing)}")
+    _IMPLEMENTATIONS[family] = table
+    return table
+
+
+def dispatch(family: str, backend: str | None, x: torch.Tensor):
+    """The implementation that runs `family` on tensor x with the requested `backend` (None = the context's)."""
+    return _IMPLEMENTATIONS[family][backends.resolve(backend, x, family)]

@@ -2,6 +2,7 @@
 
 relu(x) = x where x > 0, else 0; NaN propagates (as torch.relu).
 Backward: grad_in = grad_out where out > 0, else 0 (from the saved output).
+Ops (cpp and triton, one schema): relu(x), relu_backward(grad_out, out).
 """
 from __future__ import annotations
 
@@ -9,27 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends, reference
-from fusedcnn.ops._registry import op, register
-from fusedcnn.triton_kernels._common import dense_format
+from fusedcnn import reference
+from fusedcnn.common import dense_format
+from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "activation"
+__all__ = ["relu"]  # the public functionals (fusedcnn.functional)
+
+# ---- the compiled ops (schemas; launchers of the same names in fusedcnn.triton_kernels.activation)
+define("activation", {
+    "relu": "(Tensor x) -> Tensor",
+    "relu_backward": "(Tensor grad_out, Tensor out) -> Tensor",
+})
 
 
-# ---- triton: custom ops over fusedcnn.triton_kernels.activation (imported lazily: triton is optional)
-@torch.library.custom_op("fusedcnn::triton_relu", mutates_args=())
-def _triton_relu(x: Tensor) -> Tensor:
-    from fusedcnn.triton_kernels.activation import relu_fwd
-    return relu_fwd(x)
-
-
-@torch.library.custom_op("fusedcnn::triton_relu_backward", mutates_args=())
-def _triton_relu_backward(grad_out: Tensor, out: Tensor) -> Tensor:
-    from fusedcnn.triton_kernels.activation import relu_bwd
-    return relu_bwd(grad_out, out)
-
-
-# ---- fake functions and autograd, shared by triton and cpp
+# ---- fake function and autograd, shared by triton and cpp
 def _fake_like(x: Tensor, *rest: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
 
@@ -52,13 +47,29 @@ register("relu", fake=_fake_like, setup_context=_setup_context, backward_factory
 register("relu_backward", fake=lambda g, y: _fake_like(y))
 
 
+# ---- one implementation per backend: relu(x, inplace) -> Tensor
+class _Torch:
+    relu = staticmethod(lambda x, inplace: F.relu(x, inplace=inplace))
+
+
+class _Kernel:
+    """reference / triton / cpp: `kernels.relu(x)` out of place; inplace copies the result back."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels  # the reference package, or a compiled backend's ops
+
+    def relu(self, x: Tensor, inplace: bool) -> Tensor:
+        out = self.kernels.relu(x)
+        return x.copy_(out) if inplace else out
+
+
+IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Kernel(reference),
+                                     "triton": _Kernel(CompiledOps("triton")), "cpp": _Kernel(CompiledOps("cpp"))})
+
+
 # ---- public functional entry point
 def relu(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
     """torch.nn.functional.relu with a `backend=` choice."""
     if not isinstance(input, Tensor):
         raise TypeError(f"relu(): argument 'input' must be Tensor, not {type(input).__name__}")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.relu(input, inplace=inplace)
-    out = reference.relu(input) if name == "reference" else op(name, "relu")(input)
-    return input.copy_(out) if inplace else out
+    return dispatch(FAMILY, backend, input).relu(input, inplace)

@@ -41,41 +41,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends, reference
-from fusedcnn.ops._registry import op, register
-from fusedcnn.reference.batchnorm import stats_dtype, update_running_stats
-from fusedcnn.triton_kernels._common import dense_format
+from fusedcnn import reference
+from fusedcnn.ops._registry import define, dispatch, has_op, implement, op, register
+from fusedcnn.common import stats_dtype
+from fusedcnn.reference.batchnorm import update_running_stats
+from fusedcnn.common import dense_format
 
 FAMILY = "batchnorm"
+__all__ = ["batch_norm", "batch_norm_relu"]  # the public functionals (fusedcnn.functional)
 
-
-# ---- triton: custom ops over fusedcnn.triton_kernels.batchnorm (imported lazily: triton is optional)
-@torch.library.custom_op("fusedcnn::triton_batch_norm_stats", mutates_args=())
-def _triton_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    from fusedcnn.triton_kernels.batchnorm import bn_stats
-    return bn_stats(x)
-
-
-@torch.library.custom_op("fusedcnn::triton_batch_norm_apply", mutates_args=())
-def _triton_apply(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-                  relu: bool) -> Tensor:
-    from fusedcnn.triton_kernels.batchnorm import bn_apply
-    return bn_apply(x, mean, invstd, weight, bias, relu)
-
-
-@torch.library.custom_op("fusedcnn::triton_batch_norm_backward_reduce", mutates_args=())
-def _triton_backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-                            bias: Tensor | None, relu: bool) -> tuple[Tensor, Tensor]:
-    from fusedcnn.triton_kernels.batchnorm import bn_backward_reduce
-    return bn_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu)
-
-
-@torch.library.custom_op("fusedcnn::triton_batch_norm_backward_elemt", mutates_args=())
-def _triton_backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-                           bias: Tensor | None, sum_dy: Tensor | None, sum_dy_xmu: Tensor | None, count: float,
-                           relu: bool) -> Tensor:
-    from fusedcnn.triton_kernels.batchnorm import bn_backward_elemt
-    return bn_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, relu)
+# ---- the compiled ops (schemas; launchers of the same names in fusedcnn.triton_kernels.batchnorm)
+define("batchnorm", {
+    "batch_norm_stats": "(Tensor x) -> (Tensor mean, Tensor var)",
+    "batch_norm_apply": "(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, bool relu) -> Tensor",
+    "batch_norm_backward_reduce": "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+                                  "Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
+    "batch_norm_backward_elemt": "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+                                 "Tensor? bias, Tensor? sum_dy, Tensor? sum_dy_xmu, float count, bool relu) -> Tensor",
+})
+define("batchnorm", {  # cpp only: the training forward / backward in one call each
+    "batch_norm_train_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, bool relu) -> "
+                                "(Tensor y, Tensor mean, Tensor var, Tensor invstd)",
+    "batch_norm_train_backward": "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+                                 "Tensor? bias, bool relu) -> (Tensor grad_x, Tensor sum_dy, Tensor sum_dy_xmu)",
+}, only="cpp")
 
 
 # ---- fake functions, shared by triton and cpp
@@ -94,9 +83,9 @@ register("batch_norm_apply", fake=lambda x, *rest: _fake_like_x(x))
 register("batch_norm_backward_reduce", fake=lambda g, x, *rest: _fake_channel_pair(x))
 register("batch_norm_backward_elemt", fake=lambda g, x, *rest: _fake_like_x(x))
 # cpp only: the training forward / backward in one call each (CPU: a channel stays in cache between passes)
-register("batch_norm_train_forward", only=("cpp",),
+register("batch_norm_train_forward",
          fake=lambda x, *rest: (_fake_like_x(x), *_fake_channel_pair(x), _fake_channel_pair(x)[0]))
-register("batch_norm_train_backward", only=("cpp",),
+register("batch_norm_train_backward",
          fake=lambda g, x, *rest: (_fake_like_x(x), *_fake_channel_pair(x)))
 
 
@@ -143,15 +132,16 @@ class _BatchNormApply(torch.autograd.Function):
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode relu?(batch_norm(x)) on the cpp backend without sync: one op forward, one backward
+    """Training-mode relu?(batch_norm(x)) without sync on a backend with the one-call training ops (cpp): one op
+    forward, one backward
     (batch_norm_train_forward / _backward). Returns (y, mean, var); mean and var (batch statistics, biased)
     are for the running-stat update, not differentiable outputs (their gradient flows through y)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu):
-        y, mean, var, invstd = op("cpp", "batch_norm_train_forward")(x, weight, bias, eps, relu)
+    def forward(ctx, x, weight, bias, eps, relu, backend):
+        y, mean, var, invstd = op(backend, "batch_norm_train_forward")(x, weight, bias, eps, relu)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.relu = relu
+        ctx.relu, ctx.backend = relu, backend
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -161,14 +151,14 @@ class _BatchNormTrain(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_x:
-            dx, sum_dy, sum_dy_xmu = op("cpp", "batch_norm_train_backward")(
+            dx, sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_train_backward")(
                 grad_out, x, mean, invstd, weight, bias, ctx.relu)
         elif need_w or need_b:
-            sum_dy, sum_dy_xmu = op("cpp", "batch_norm_backward_reduce")(grad_out, x, mean, invstd, weight, bias,
-                                                                         ctx.relu)
+            sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_backward_reduce")(grad_out, x, mean, invstd, weight,
+                                                                              bias, ctx.relu)
         if need_w or need_b:
             dw, db = _affine_grads(sum_dy, sum_dy_xmu, invstd, weight, bias, need_w, need_b)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
@@ -189,8 +179,8 @@ def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, T
 def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, group):
     """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    if training and group is None and backend == "cpp":
-        y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps, relu)
+    if training and group is None and has_op(backend, "batch_norm_train_forward"):
+        y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps, relu, backend)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y
     if training:
@@ -232,27 +222,47 @@ def _as_4d(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1, 1)
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, sync):
-    _check_args(input, running_mean, running_var, weight, bias, training)
-    name = backends.resolve(backend, input, FAMILY)
-    if momentum is None:
-        momentum = 0.0  # F.batch_norm's momentum=None with given running stats: the module computes 1/n
-    group = None
-    if sync and training and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        group = torch.distributed.group.WORLD
-    if name == "torch":
+# ---- one implementation per backend:
+#   batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, group) -> y
+#   x: (N, C, H, W); group: a torch.distributed group to reduce the batch statistics over, or None
+class _Torch:
+    @staticmethod
+    def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, group):
         if group is not None:
             raise RuntimeError("fusedcnn: backend 'torch' has no synchronized batch norm here; "
                                "use torch.nn.SyncBatchNorm, or backend 'reference', 'triton' or 'cpp' with sync=True")
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
-    x = _as_4d(input)
-    if name == "reference":
-        y = reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, group)
-    else:
-        y = _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, name,
-                                 group)
+
+
+class _Compiled:
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps, relu, group):
+        return _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                                    self.backend, group)
+
+
+IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": reference, "triton": _Compiled("triton"),
+                                     "cpp": _Compiled("cpp")})
+
+
+def _process_group(sync: bool, training: bool):
+    """torch.distributed's default group when sync=True applies (training, initialized, > 1 process), else None."""
+    dist = torch.distributed
+    if sync and training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, sync):
+    _check_args(input, running_mean, running_var, weight, bias, training)
+    impl = dispatch(FAMILY, backend, input)
+    if momentum is None:
+        momentum = 0.0  # F.batch_norm's momentum=None with given running stats: the module computes 1/n
+    y = impl.batch_norm(_as_4d(input), running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                        _process_group(sync, training))
     return y if input.dim() == 4 else y.reshape(input.shape)
 
 

@@ -22,36 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends, reference
-from fusedcnn.ops._registry import op, register
-from fusedcnn.reference.conv import conv_output_size, explicit_padding, pair
-from fusedcnn.triton_kernels._common import dense_format
+from fusedcnn import reference
+from fusedcnn.common import autocast_inputs, conv_output_size, dense_format, explicit_padding, pair
+from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "conv"
+__all__ = ["conv2d"]  # the public functionals (fusedcnn.functional)
 ALGOS = ("auto", "implicit_gemm", "im2col")
 
-# The cpp schemas of csrc/ops.cpp, word for word.
-CONV2D_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-                 "int groups, str algo) -> Tensor")
-CONV2D_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
-                          "int[2] dilation, int groups, bool[3] output_mask, str algo) -> (Tensor, Tensor, Tensor)")
-
-
-# ---- triton: custom ops over fusedcnn.triton_kernels.conv (imported lazily: triton is optional)
-def _triton_conv2d(x, weight, bias, stride, padding, dilation, groups, algo):
-    from fusedcnn.triton_kernels.conv import conv2d_forward
-    return conv2d_forward(x, weight, bias, stride, padding, dilation, groups, algo)
-
-
-def _triton_conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask, algo):
-    from fusedcnn.triton_kernels.conv import conv2d_backward
-    return tuple(conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask, algo))
-
-
-torch.library.custom_op("fusedcnn::triton_conv2d", _triton_conv2d, mutates_args=(), schema=CONV2D_SCHEMA)
-torch.library.custom_op("fusedcnn::triton_conv2d_backward", _triton_conv2d_backward, mutates_args=(),
-                        schema=CONV2D_BACKWARD_SCHEMA)
-
+# ---- the compiled ops (schemas; launchers of the same names in fusedcnn.triton_kernels.conv)
+define("conv", {
+    "conv2d": "(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+              "str algo) -> Tensor",
+    "conv2d_backward": "(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+                       "int groups, bool[3] output_mask, str algo) -> (Tensor, Tensor, Tensor)",
+})
 
 # ---- fake functions and autograd, shared by triton and cpp
 def _conv2d_fake(x, weight, bias, stride, padding, dilation, groups, algo):
@@ -102,7 +87,7 @@ _C10_DTYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float
                     torch.bfloat16: "c10::BFloat16"}
 
 
-def _check(input, weight, bias, stride, padding, dilation, groups, algo):
+def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, algo):
     """Validate as F.conv2d does; returns (x (N, C, H, W), stride, (top, bottom, left, right), dilation)."""
     for arg, what in ((input, "input"), (weight, "weight")):
         if not isinstance(arg, Tensor):
@@ -158,6 +143,24 @@ def _check(input, weight, bias, stride, padding, dilation, groups, algo):
     return x, stride, pad, dilation
 
 
+# ---- one implementation per backend: conv2d(x, weight, bias, stride, padding, dilation, groups, algo) -> y
+# x: (N, C, H, W); stride, padding (symmetric: (ph, pw)), dilation: int pairs.
+class _Torch:
+    @staticmethod
+    def conv2d(x, weight, bias, stride, padding, dilation, groups, algo):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class _Reference:
+    @staticmethod
+    def conv2d(x, weight, bias, stride, padding, dilation, groups, algo):
+        return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Reference, "triton": CompiledOps("triton"),
+                                     "cpp": CompiledOps("cpp")})
+
+
 # ---- public functional entry point
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, backend: str | None = None, algo: str = "auto") -> Tensor:
@@ -168,19 +171,13 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(input).__name__}")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        if algo not in ALGOS:
-            raise ValueError(f"conv2d: algo must be one of {', '.join(map(repr, ALGOS))}, got {algo!r}")
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    x, stride, (top, bottom, left, right), dilation = _check(input, weight, bias, stride, padding, dilation,
+    impl = dispatch(FAMILY, backend, input)
+    input, weight, bias = autocast_inputs(input, weight, bias)  # as torch's conv: the autocast dtype
+    x, stride, (top, bottom, left, right), dilation = check_conv2d_args(input, weight, bias, stride, padding, dilation,
                                                              groups, algo)
-    if name == "reference":
-        y = reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    else:
-        if (top, left) != (bottom, right):
-            # "same" with an even dilated kernel: the extra row/column goes on the bottom/right (as torch);
-            # pad it here so the compiled ops keep a symmetric int[2] padding.
-            x = F.pad(x, (0, right - left, 0, bottom - top))
-        y = op(name, "conv2d")(x, weight, bias, list(stride), [top, left], list(dilation), groups, algo)
+    if (top, left) != (bottom, right):
+        # "same" with an even dilated kernel: the extra row/column goes on the bottom/right (as torch);
+        # pad it here so every implementation takes a symmetric (ph, pw) padding.
+        x = F.pad(x, (0, right - left, 0, bottom - top))
+    y = impl.conv2d(x, weight, bias, list(stride), [top, left], list(dilation), groups, algo)
     return y.squeeze(0) if input.dim() == 3 else y

@@ -1,6 +1,6 @@
 """Dropout: x (any shape) float32|float16|bfloat16 (cpp CPU also float64) -> same shape, dtype, memory format.
 
-Every backend but `torch` draws the same mask for the same seed (DESIGN.md, "The dropout stream"):
+Every backend but `torch` draws the same mask for the same seed (docs/ARCHITECTURE.md, "The dropout stream"):
 element i (row-major index in the LOGICAL shape, so NCHW and NHWC agree) is kept iff
 u(seed, i) > float32(p), u the Philox4x32-10 uniform of tl.rand(seed, i); kept values are scaled
 by 1/(1-p), dropped ones multiplied by 0 (a NaN stays NaN, as in torch). Each call draws a fresh
@@ -16,18 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends, reference
-from fusedcnn.ops._registry import op, register
-from fusedcnn.triton_kernels._common import dense_format
+from fusedcnn import reference
+from fusedcnn.common import dense_format, draw_seed
+from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "dropout"
+__all__ = ["dropout"]  # the public functionals (fusedcnn.functional)
 
-
-# ---- triton: a custom op over fusedcnn.triton_kernels.dropout (imported lazily: triton is optional)
-@torch.library.custom_op("fusedcnn::triton_dropout", mutates_args=())
-def _triton_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    from fusedcnn.triton_kernels.dropout import dropout_fwd
-    return dropout_fwd(x, p, seed)
+# ---- the compiled op (schema; launcher of the same name in fusedcnn.triton_kernels.dropout)
+define("dropout", {"dropout": "(Tensor x, float p, SymInt seed) -> Tensor"})
 
 
 # ---- fake function and autograd, shared by triton and cpp
@@ -52,10 +49,28 @@ def _backward_factory(backend: str):
 register("dropout", fake=_fake, setup_context=_setup_context, backward_factory=_backward_factory)
 
 
-# ---- the seed
-def draw_seed() -> int:
-    """A fresh 64-bit seed (as a signed int64) from torch's default CPU generator: no GPU sync."""
-    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+# ---- one implementation per backend: dropout(x, p, training, inplace) -> Tensor
+class _Torch:
+    dropout = staticmethod(F.dropout)
+
+
+class _Philox:
+    """reference / triton / cpp: the Philox stream, `kernels.dropout(x, p, seed)` with a fresh seed per call."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels  # the reference package, or a compiled backend's ops
+
+    def dropout(self, x: Tensor, p: float, training: bool, inplace: bool) -> Tensor:
+        if not training or p == 0.0 or x.numel() == 0:
+            return x  # as torch: the input itself, no random draw
+        if p == 1.0:
+            return x.mul_(0.0) if inplace else x * 0.0  # as torch: zeros, NaN stays NaN; no draw
+        out = self.kernels.dropout(x, p, draw_seed())
+        return x.copy_(out) if inplace else out
+
+
+IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Philox(reference),
+                                     "triton": _Philox(CompiledOps("triton")), "cpp": _Philox(CompiledOps("cpp"))})
 
 
 # ---- public functional entry point
@@ -66,13 +81,4 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not isinstance(input, Tensor):
         raise TypeError(f"dropout(): argument 'input' must be Tensor, not {type(input).__name__}")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.dropout(input, p, training, inplace)
-    if not training or p == 0.0 or input.numel() == 0:
-        return input  # as torch: the input itself, no random draw
-    if p == 1.0:
-        return input.mul_(0.0) if inplace else input * 0.0  # as torch: zeros, NaN stays NaN; no draw
-    seed = draw_seed()
-    out = reference.dropout(input, p, seed) if name == "reference" else op(name, "dropout")(input, p, seed)
-    return input.copy_(out) if inplace else out
+    return dispatch(FAMILY, backend, input).dropout(input, p, training, inplace)

@@ -1,255 +1,325 @@
-"""Fused Conv2d + BatchNorm2d + ReLU (+ MaxPool2d 2x2) and Linear + ReLU + Dropout: Triton-only ops.
+"""The "fused" family: Conv2d + BatchNorm2d + ReLU (+ 2x2 MaxPool2d) and Linear + ReLU (+ Dropout) as one call.
 
-Ops (torch.library custom ops over fusedcnn.triton_kernels.fused; each with register_fake and
-register_autograd, so opcheck and torch.compile(fullgraph=True) go through them):
+Functionals (tensors of the unfused modules; fusedcnn.nn.FusedSequential calls them for the runs it finds):
+  conv_bn_relu(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+               stride, padding, dilation, groups, pool=False)
+      = [max_pool2d(., 2, 2) of] relu(batch_norm(conv2d(x, weight, bias, ...), ...))
+      x: (N, C_in, H, W) float32|float16|bfloat16 (float64 where the backend's conv and BatchNorm take it),
+      NCHW or NHWC; the result has x's dtype and memory format
+  linear_relu_dropout(x, weight, bias, p, training) = dropout(relu(F.linear(x, weight, bias)), p, training)
+      x: (*, in_features)
 
-  triton_conv_bn_relu(x, weight, bias?, in_scale?, in_shift?, stride, padding, dilation, compute_stats)
-      -> (y, mean, var)
-      x: (N, C_in, H, W) float32|float16|bfloat16 NCHW|NHWC; weight (C_out, C_in, KH, KW) x's dtype;
-      bias, in_scale, in_shift: (C,) float32. y = conv2d(a, weight, bias) with a = relu(x*in_scale+in_shift)
-      when in_scale is given (the previous layer's pending BatchNorm+ReLU, applied while loading) else a = x;
-      mean, var: fp32 batch mean / biased variance of y per channel (statistics epilogue), or empty.
-  triton_conv_bn_relu_backward(...) -> (dx, dweight, dbias, d_in_scale, d_in_shift)
-  triton_bn_relu_apply(y, scale, shift) -> relu(y*scale + shift)           (+ _backward)
-  triton_bn_relu_maxpool2d(y, scale, shift) -> max_pool2d(relu(y*scale+shift), 2, 2)   (+ _backward)
-  triton_linear_relu_dropout(x, weight, bias?, p, seed) -> dropout(relu(x @ weight.T + bias))  (+ _backward)
+Implementations:
+  torch, reference, cpp   composition of that backend's conv2d, batch_norm_relu, max_pool2d, relu, dropout
+  triton                  the fused kernels (ops below): the conv reduces the batch statistics of its output in
+                          its epilogue; the BatchNorm+ReLU is applied by the NEXT conv while it loads its input
+                          (`defer=True` returns a Pending record instead of the activation), or by the fused
+                          BN+ReLU+2x2-max-pool kernel, or by one elementwise pass; Linear+ReLU+dropout is one GEMM
+                          whose epilogue draws the same Philox mask as the dropout family (mask never stored).
 
-BatchNorm's own arithmetic on (C,) vectors (scale = gamma*rsqrt(var+eps), shift = beta - mean*scale, the
-running-stat update) is plain torch code in fusedcnn.nn.fused: autograd carries the gradients of scale and
-shift back to gamma, beta, mean and var, and the gradients of mean/var arrive at the conv op's backward,
-which folds them into the grad loads of its dgrad and wgrad GEMMs (g' = g + alpha*y + beta).
+Triton ops (schemas in fusedcnn.ops._registry.SCHEMAS; fakes and autograd here):
+  conv_bn_relu(x, weight, bias?, in_scale?, in_shift?, stride, padding, dilation, groups, compute_stats)
+      -> (y, mean, var): y = conv2d(a, weight, bias), a = relu(x*in_scale + in_shift) when in_scale is given
+      (the previous layer's pending BatchNorm+ReLU) else x; mean/var: float32 batch statistics of y per channel
+  bn_relu_apply(y, scale, shift) -> relu(y*scale + shift);  bn_relu_maxpool2d(y, scale, shift) -> its 2x2 max
+  linear_relu_dropout(x, weight, bias?, p, seed) -> dropout(relu(x @ weight.T + bias))
+  each with a *_backward op. BatchNorm's (C,)-vector arithmetic (scale = gamma*rsqrt(var+eps), shift = beta -
+  mean*scale, running stats) is plain torch code here: autograd carries the gradients of scale and shift back
+  to gamma, beta, mean and var, and the conv op's backward folds those of mean/var into its grad loads.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from fusedcnn.common import autocast_inputs, conv_output_size, dense_format, draw_seed
+from fusedcnn.ops._registry import define, dispatch, implement, op, register
+from fusedcnn.ops.activation import relu
+from fusedcnn.ops.batchnorm import batch_norm_relu
+from fusedcnn.ops.conv import check_conv2d_args, conv2d
+from fusedcnn.ops.dropout import dropout
+from fusedcnn.ops.pooling import max_pool2d
+from fusedcnn.reference.batchnorm import update_running_stats
 
-def _kernels():
-    from fusedcnn.triton_kernels import fused  # lazily: triton is optional
-    return fused
+FAMILY = "fused"
+__all__ = ["conv_bn_relu", "linear_relu_dropout"]  # the public functionals (fusedcnn.functional)
+
+# ---- the compiled ops (Triton only; schemas; launchers of the same names in fusedcnn.triton_kernels.conv / .fused)
+define("conv", {
+    "conv_bn_relu": "(Tensor x, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_shift, int[2] stride, "
+                    "int[2] padding, int[2] dilation, int groups, bool compute_stats) -> (Tensor, Tensor, Tensor)",
+    "conv_bn_relu_backward": "(Tensor grad, Tensor? y, Tensor? grad_mean, Tensor? grad_var, Tensor? mean, Tensor x, "
+                             "Tensor weight, Tensor? in_scale, Tensor? in_shift, int[2] stride, int[2] padding, "
+                             "int[2] dilation, int groups, bool has_bias, bool compute_dx) -> "
+                             "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+}, only="triton")
+define("fused", {
+    "bn_relu_apply": "(Tensor y, Tensor scale, Tensor shift) -> Tensor",
+    "bn_relu_apply_backward": "(Tensor grad, Tensor y, Tensor scale, Tensor shift) -> (Tensor, Tensor, Tensor)",
+    "bn_relu_maxpool2d": "(Tensor y, Tensor scale, Tensor shift) -> Tensor",
+    "bn_relu_maxpool2d_backward": "(Tensor grad, Tensor y, Tensor scale, Tensor shift) -> (Tensor, Tensor, Tensor)",
+    "linear_relu_dropout": "(Tensor x, Tensor weight, Tensor? bias, float p, SymInt seed) -> Tensor",
+    "linear_relu_dropout_backward": "(Tensor grad, Tensor out, Tensor x, Tensor weight, float p, bool has_bias) -> "
+                                    "(Tensor, Tensor, Tensor)",
+}, only="triton")
+_triton = (lambda name: op("triton", name))
 
 
-def _fmt(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-# ============================================================================ conv + BN statistics / prologue
-@torch.library.custom_op("fusedcnn::triton_conv_bn_relu", mutates_args=())
-def _conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
-                  in_shift: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
-                  compute_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().conv_fwd(x, weight, bias, in_scale, in_shift, stride, padding, dilation, compute_stats)
-
-
-@torch.library.custom_op("fusedcnn::triton_conv_bn_relu_backward", mutates_args=())
-def _conv_bn_relu_backward(grad: Tensor, y: Optional[Tensor], grad_mean: Optional[Tensor],
-                           grad_var: Optional[Tensor], mean: Optional[Tensor], x: Tensor, weight: Tensor,
-                           in_scale: Optional[Tensor], in_shift: Optional[Tensor],
-                           stride: list[int], padding: list[int], dilation: list[int],
-                           has_bias: bool, compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().conv_bwd(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
-                               dilation, has_bias, compute_dx)
+# ============================================================================ fakes and autograd (triton ops)
+def _like(t: Tensor, shape=None, dtype=None) -> Tensor:
+    return torch.empty(t.shape if shape is None else shape, dtype=dtype or t.dtype, device=t.device,
+                       memory_format=dense_format(t))
 
 
 def _conv_out_shape(x, weight, stride, padding, dilation):
-    N, _, H, W = x.shape
-    C_out, _, KH, KW = weight.shape
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
-    return N, C_out, OH, OW
+    return (x.shape[0], weight.shape[0],
+            conv_output_size(x.shape[2], 2 * padding[0], weight.shape[2], stride[0], dilation[0]),
+            conv_output_size(x.shape[3], 2 * padding[1], weight.shape[3], stride[1], dilation[1]))
 
 
-@torch.library.register_fake("fusedcnn::triton_conv_bn_relu")
-def _conv_bn_relu_fake(x, weight, bias, in_scale, in_shift, stride, padding, dilation, compute_stats):
-    y = torch.empty(_conv_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
-                    memory_format=_fmt(x))
+def _conv_bn_relu_fake(x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups, compute_stats):
     n = weight.shape[0] if compute_stats else 0
-    return y, x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+    return (_like(x, _conv_out_shape(x, weight, stride, padding, dilation)),
+            x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 
-@torch.library.register_fake("fusedcnn::triton_conv_bn_relu_backward")
 def _conv_bn_relu_backward_fake(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
-                                dilation, has_bias, compute_dx):
-    if compute_dx or in_scale is not None:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x))
-    else:
-        dx = x.new_empty((0,))
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    db = x.new_empty((weight.shape[0] if has_bias else 0,), dtype=torch.float32)
+                                dilation, groups, has_bias, compute_dx):
+    dx = _like(x) if compute_dx or in_scale is not None else x.new_empty((0,))
     n = x.shape[1] if in_scale is not None else 0
-    return dx, dw, db, x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+    return (dx, weight.new_empty(weight.shape), x.new_empty((weight.shape[0] if has_bias else 0,), dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32))
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, in_scale, in_shift, stride, padding, dilation, compute_stats = inputs
+    x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups, compute_stats = inputs
     y, mean, _ = output
     ctx.save_for_backward(x, weight, in_scale, in_shift, y if compute_stats else None, mean if compute_stats else None)
-    ctx.conv = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-    ctx.compute_stats = compute_stats
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has_bias, ctx.compute_stats = bias is not None, compute_stats
 
 
-def _conv_backward(ctx, grad_y, grad_mean, grad_var):
-    x, weight, in_scale, in_shift, y, mean = ctx.saved_tensors
-    stride, padding, dilation = ctx.conv
-    if not ctx.compute_stats:
-        grad_mean = grad_var = None
-    if grad_y is None:
-        grad_y = torch.zeros(_conv_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device)
-    stats_used = grad_mean is not None or grad_var is not None
-    grad_mean, grad_var = (None if g is None else g.float().contiguous() for g in (grad_mean, grad_var))
-    dx, dw, db, ds, dt = _conv_bn_relu_backward(grad_y, y if stats_used else None, grad_mean, grad_var,
-                                                mean if stats_used else None, x, weight, in_scale, in_shift,
-                                                stride, padding, dilation, ctx.has_bias, ctx.needs_input_grad[0])
-    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
-            ds if in_scale is not None else None, dt if in_shift is not None else None, None, None, None, None)
+def _conv_backward_factory(backend: str):
+    backward_op = op(backend, "conv_bn_relu_backward")
 
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        x, weight, in_scale, in_shift, y, mean = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        if not ctx.compute_stats:
+            grad_mean = grad_var = None
+        if grad_y is None:
+            grad_y = x.new_zeros(_conv_out_shape(x, weight, stride, padding, dilation))
+        stats_used = grad_mean is not None or grad_var is not None
+        grad_mean, grad_var = (None if g is None else g.float().contiguous() for g in (grad_mean, grad_var))
+        dx, dw, db, ds, dt = backward_op(grad_y, y if stats_used else None, grad_mean, grad_var,
+                                         mean if stats_used else None, x, weight, in_scale, in_shift, stride, padding,
+                                         dilation, groups, ctx.has_bias, ctx.needs_input_grad[0])
+        return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
+                ds if in_scale is not None else None, dt if in_shift is not None else None) + (None,) * 5
 
-torch.library.register_autograd("fusedcnn::triton_conv_bn_relu", _conv_backward, setup_context=_conv_setup_context)
-
-
-# ============================================================================ BN apply + ReLU (+ 2x2 max pool)
-@torch.library.custom_op("fusedcnn::triton_bn_relu_apply", mutates_args=())
-def _bn_relu_apply(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return _kernels().bn_relu_apply_fwd(y, scale, shift)
-
-
-@torch.library.custom_op("fusedcnn::triton_bn_relu_apply_backward", mutates_args=())
-def _bn_relu_apply_backward(grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().bn_relu_apply_bwd(grad, y, scale, shift)
-
-
-@torch.library.custom_op("fusedcnn::triton_bn_relu_maxpool2d", mutates_args=())
-def _bn_relu_maxpool2d(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return _kernels().bn_relu_pool_fwd(y, scale, shift)
-
-
-@torch.library.custom_op("fusedcnn::triton_bn_relu_maxpool2d_backward", mutates_args=())
-def _bn_relu_maxpool2d_backward(grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().bn_relu_pool_bwd(grad, y, scale, shift)
-
-
-def _like(y: Tensor, shape=None) -> Tensor:
-    return torch.empty(shape if shape is not None else y.shape, dtype=y.dtype, device=y.device,
-                       memory_format=_fmt(y))
+    return backward
 
 
 def _bn_relu_backward_fake(grad, y, scale, shift):
     return _like(y), torch.empty_like(scale), torch.empty_like(shift)
 
 
-torch.library.register_fake("fusedcnn::triton_bn_relu_apply")(lambda y, scale, shift: _like(y))
-torch.library.register_fake("fusedcnn::triton_bn_relu_apply_backward")(_bn_relu_backward_fake)
-torch.library.register_fake("fusedcnn::triton_bn_relu_maxpool2d")(
-    lambda y, scale, shift: _like(y, (y.shape[0], y.shape[1], y.shape[2] // 2, y.shape[3] // 2)))
-torch.library.register_fake("fusedcnn::triton_bn_relu_maxpool2d_backward")(_bn_relu_backward_fake)
-
-
 def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _bn_relu_grad(backward_op):
-    def backward(ctx, grad):
-        y, scale, shift = ctx.saved_tensors
-        return backward_op(grad, y, scale, shift)
-    return backward
+def _bn_relu_backward_factory(name: str):
+    def factory(backend: str):
+        backward_op = op(backend, name)
+
+        def backward(ctx, grad):
+            y, scale, shift = ctx.saved_tensors
+            return backward_op(grad, y, scale, shift)
+        return backward
+    return factory
 
 
-torch.library.register_autograd("fusedcnn::triton_bn_relu_apply", _bn_relu_grad(_bn_relu_apply_backward),
-                                setup_context=_save_inputs)
-torch.library.register_autograd("fusedcnn::triton_bn_relu_maxpool2d", _bn_relu_grad(_bn_relu_maxpool2d_backward),
-                                setup_context=_save_inputs)
-
-
-# ============================================================================ Linear + ReLU + dropout
-@torch.library.custom_op("fusedcnn::triton_linear_relu_dropout", mutates_args=())
-def _linear_relu_dropout(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: int) -> Tensor:
-    return _kernels().linear_relu_dropout_fwd(x, weight, bias, p, seed)
-
-
-@torch.library.custom_op("fusedcnn::triton_linear_relu_dropout_backward", mutates_args=())
-def _linear_relu_dropout_backward(grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, p: float,
-                                  has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().linear_relu_dropout_bwd(grad, out, x, weight, p, has_bias)
-
-
-@torch.library.register_fake("fusedcnn::triton_linear_relu_dropout")
 def _linear_fake(x, weight, bias, p, seed):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.register_fake("fusedcnn::triton_linear_relu_dropout_backward")
 def _linear_backward_fake(grad, out, x, weight, p, has_bias):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
             weight.new_empty((weight.shape[0] if has_bias else 0,)))
 
 
 def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, p, seed = inputs
     ctx.save_for_backward(x, weight, output)  # output > 0 <=> kept and ReLU active: no mask regeneration
-    ctx.p = p
-    ctx.has_bias = bias is not None
+    ctx.p, ctx.has_bias = p, bias is not None
 
 
-def _linear_backward(ctx, grad):
-    x, weight, out = ctx.saved_tensors
-    dx, dw, db = _linear_relu_dropout_backward(grad, out, x, weight, ctx.p, ctx.has_bias)
-    return dx, dw, db if ctx.has_bias else None, None, None
+def _linear_backward_factory(backend: str):
+    backward_op = op(backend, "linear_relu_dropout_backward")
+
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        dx, dw, db = backward_op(grad, out, x, weight, ctx.p, ctx.has_bias)
+        return dx, dw, db if ctx.has_bias else None, None, None
+    return backward
 
 
-torch.library.register_autograd("fusedcnn::triton_linear_relu_dropout", _linear_backward,
-                                setup_context=_linear_setup_context)
+register("conv_bn_relu", fake=_conv_bn_relu_fake, setup_context=_conv_setup_context,
+         backward_factory=_conv_backward_factory)
+register("conv_bn_relu_backward", fake=_conv_bn_relu_backward_fake)
+register("bn_relu_apply", fake=lambda y, scale, shift: _like(y), setup_context=_save_inputs,
+         backward_factory=_bn_relu_backward_factory("bn_relu_apply_backward"))
+register("bn_relu_apply_backward", fake=_bn_relu_backward_fake)
+register("bn_relu_maxpool2d", fake=lambda y, scale, shift: _like(y, (*y.shape[:2], y.shape[2] // 2, y.shape[3] // 2)),
+         setup_context=_save_inputs, backward_factory=_bn_relu_backward_factory("bn_relu_maxpool2d_backward"))
+register("bn_relu_maxpool2d_backward", fake=_bn_relu_backward_fake)
+register("linear_relu_dropout", fake=_linear_fake, setup_context=_linear_setup_context,
+         backward_factory=_linear_backward_factory)
+register("linear_relu_dropout_backward", fake=_linear_backward_fake)
+
+
+# ============================================================================ the pending BatchNorm + ReLU
+class Pending:
+    """A BatchNorm + ReLU not yet applied (triton): the activation is relu(raw * scale[c] + shift[c]).
+
+    raw: (N, C, H, W) conv output (float32|float16|bfloat16, NCHW or NHWC); scale, shift: (C,) float32,
+    differentiable (they carry the gradients of BatchNorm's gamma, beta and batch statistics).
+    """
+
+    __slots__ = ("raw", "scale", "shift")
+
+    def __init__(self, raw: Tensor, scale: Tensor, shift: Tensor):
+        self.raw, self.scale, self.shift = raw, scale, shift
+
+    def materialize(self) -> Tensor:
+        """The activation, in one elementwise pass (read raw, write the activation)."""
+        return _triton("bn_relu_apply")(self.raw, self.scale, self.shift)
+
+    def maxpool(self) -> Tensor:
+        """max_pool2d(activation, 2, 2), reading raw once; the full-size activation is never written."""
+        return _triton("bn_relu_maxpool2d")(self.raw, self.scale, self.shift)
+
+
+def materialize(x: Union[Tensor, Pending]) -> Tensor:
+    """x itself, or the activation a Pending stands for."""
+    return x.materialize() if isinstance(x, Pending) else x
+
+
+# ============================================================================ implementations
+class _Composition:
+    """torch / reference / cpp: the backend's own conv2d, batch_norm_relu, max_pool2d, relu and dropout."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def conv_bn_relu(self, x, weight, bias, bn, conv, pool, defer):
+        b = self.backend
+        y = conv2d(materialize(x), weight, bias, *conv, backend=b)
+        y = batch_norm_relu(y, *bn, backend=b)
+        return max_pool2d(y, 2, 2, backend=b) if pool else y
+
+    def linear_relu_dropout(self, x, weight, bias, p, training):
+        b = self.backend
+        return dropout(relu(F.linear(x, weight, bias), backend=b), p, training, backend=b)
+
+
+def _scale_shift(mean, var, count, bn) -> tuple[Tensor, Tensor]:
+    """BatchNorm as a per-channel affine map, float32 (C,): scale = gamma * rsqrt(var + eps), shift = beta -
+    mean * scale; with batch statistics (mean given) the running stats are updated first (unbiased var)."""
+    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps = bn
+    if training:
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    scale = torch.rsqrt(var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.float()
+    shift = -mean * scale if bn_bias is None else bn_bias.float() - mean * scale
+    return scale, shift
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float().contiguous()
+
+
+class _Triton:
+    """The fused Triton kernels (module docstring)."""
+
+    @staticmethod
+    def conv_bn_relu(x, weight, bias, bn, conv, pool, defer):
+        raw = x.raw if isinstance(x, Pending) else x
+        _, stride, (top, bottom, left, right), dilation = check_conv2d_args(raw, weight, bias, *conv, "auto")
+        groups = conv[3]
+        if (top, left) != (bottom, right):  # asymmetric "same": zero-pad the activation itself
+            x = F.pad(materialize(x), (0, right - left, 0, bottom - top))
+        scale_in = x.scale if isinstance(x, Pending) else None
+        shift_in = x.shift if isinstance(x, Pending) else None
+        training = bn[4]
+        y, mean, var = _triton("conv_bn_relu")(x.raw if isinstance(x, Pending) else x, weight, _f32(bias),
+                                               _f32(scale_in), _f32(shift_in), list(stride), [top, left],
+                                               list(dilation), groups, training)
+        count = y.numel() // max(y.shape[1], 1)
+        if training and count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
+        out = Pending(y, *_scale_shift(mean, var, count, bn))
+        if pool:
+            return out.maxpool()
+        return out if defer else out.materialize()
+
+    @staticmethod
+    def linear_relu_dropout(x, weight, bias, p, training):
+        p = float(p) if training else 0.0
+        seed = draw_seed() if 0.0 < p < 1.0 else 0
+        out = _triton("linear_relu_dropout")(x.reshape(-1, x.shape[-1]), weight, bias, p, seed)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+IMPLEMENTATIONS = implement(FAMILY, {"torch": _Composition("torch"), "reference": _Composition("reference"),
+                                     "cpp": _Composition("cpp"), "triton": _Triton})
 
 
 # ============================================================================ functional entry points
-def conv_bn_relu_raw(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
-                     in_shift: Optional[Tensor], stride, padding, dilation, compute_stats: bool):
-    """(y, mean, var) of the fused conv (see triton_conv_bn_relu); bias/in_scale/in_shift cast to float32."""
-    f = (lambda t: None if t is None else t.float().contiguous())
-    y, mean, var = _conv_bn_relu(x, weight, f(bias), f(in_scale), f(in_shift), list(stride), list(padding),
-                                 list(dilation), compute_stats)
-    return y, (mean if compute_stats else None), (var if compute_stats else None)
+def conv_bn_relu(input: Union[Tensor, Pending], weight: Tensor, bias: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor], bn_weight: Optional[Tensor] = None,
+                 bn_bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                 stride=1, padding=0, dilation=1, groups: int = 1, *, pool: bool = False,
+                 backend: Optional[str] = None, defer: bool = False):
+    """relu(batch_norm(conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
+    bn_weight, bn_bias, training, momentum, eps)), then max_pool2d(., 2, 2) when pool=True.
 
-
-def bn_relu_apply(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """relu(y * scale[c] + shift[c]) (scale, shift: (C,), computed in float32)."""
-    return _bn_relu_apply(y, scale.float().contiguous(), shift.float().contiguous())
-
-
-def bn_relu_maxpool2d(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """max_pool2d(relu(y * scale[c] + shift[c]), kernel_size=2, stride=2)."""
-    return _bn_relu_maxpool2d(y, scale.float().contiguous(), shift.float().contiguous())
-
-
-def draw_seed() -> int:
-    """A fresh 64-bit dropout seed from torch's default CPU generator (no GPU sync; manual_seed reproduces it).
-
-    Returned as a signed int64 (the op schema's int); the kernel uses its 64 bits as the unsigned Philox key."""
-    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64).item())
+    input: (N, C_in, H, W), or a Pending from a previous conv_bn_relu(defer=True) (triton: applied in this conv's
+    input prologue). defer=True lets the triton backend return a Pending instead of the activation.
+    """
+    raw = input.raw if isinstance(input, Pending) else input
+    if not isinstance(raw, Tensor):
+        raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(raw).__name__}")
+    if raw.dim() != 4:
+        raise ValueError(f"expected 4D input (got {raw.dim()}D input)")
+    impl = dispatch(FAMILY, backend, raw)
+    if not isinstance(input, Pending):
+        input, weight, bias = autocast_inputs(input, weight, bias)  # as torch's conv: the autocast dtype
+    else:
+        weight, bias = autocast_inputs(weight, bias)
+    conv = (stride, padding, dilation, groups)
+    bn = (running_mean, running_var, bn_weight, bn_bias, training, 0.0 if momentum is None else momentum, eps)
+    return impl.conv_bn_relu(input, weight, bias, bn, conv, pool, defer)
 
 
 def linear_relu_dropout(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, p: float = 0.5,
-                        training: bool = True, *, seed: Optional[int] = None) -> Tensor:
-    """dropout(relu(F.linear(input, weight, bias)), p, training) in one GEMM; input (*, in_features).
+                        training: bool = True, *, backend: Optional[str] = None) -> Tensor:
+    """dropout(relu(F.linear(input, weight, bias)), p, training); input (*, in_features).
 
-    The dropout mask is DESIGN.md's Philox stream over the row-major index of the (*, out_features) output.
-    """
+    The dropout mask is the dropout family's Philox stream over the row-major index of the (*, out_features)
+    output (the same mask on every backend but torch for the same seed)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"linear(): argument 'input' must be Tensor, not {type(input).__name__}")
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if input.dim() == 0:
         raise RuntimeError("both arguments to linear need to be at least 1D, but they are 0D and 2D")
-    p = float(p) if training else 0.0
-    if seed is None:
-        seed = draw_seed() if 0.0 < p < 1.0 else 0
-    x2 = input.reshape(-1, input.shape[-1])
-    out = _linear_relu_dropout(x2, weight, bias, p, seed)
-    return out.reshape(*input.shape[:-1], weight.shape[0])
+    impl = dispatch(FAMILY, backend, input)
+    input, weight, bias = autocast_inputs(input, weight, bias)  # as torch's linear: the autocast dtype
+    return impl.linear_relu_dropout(input, weight, bias, p, training)

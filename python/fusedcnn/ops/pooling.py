@@ -16,73 +16,32 @@ Arguments are checked here, where the user calls, with PyTorch's messages (refer
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn import backends, reference
-from fusedcnn.ops._registry import op, register
-from fusedcnn.reference.pooling import adaptive_geometry, pooled_size, regular_geometry
-from fusedcnn.triton_kernels._common import dense_format
+from fusedcnn import reference
+from fusedcnn.common import adaptive_geometry, dense_format, pooled_size, regular_geometry
+from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "pooling"
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]  # the public functionals (fusedcnn.functional)
 
-
-# ---- triton: custom ops over fusedcnn.triton_kernels.pooling (imported lazily: triton is optional)
-@torch.library.custom_op("fusedcnn::triton_max_pool2d", mutates_args=())
-def _triton_max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                       dilation: list[int], ceil_mode: bool, return_indices: bool) -> tuple[Tensor, Tensor]:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.max_pool2d_fwd(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-
-
-@torch.library.custom_op("fusedcnn::triton_max_pool2d_backward", mutates_args=())
-def _triton_max_pool2d_backward(grad_out: Tensor, x: Tensor, kernel_size: list[int], stride: list[int],
-                                padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.max_pool2d_bwd(grad_out, x, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-@torch.library.custom_op("fusedcnn::triton_avg_pool2d", mutates_args=())
-def _triton_avg_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
-                       count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.avg_pool2d_fwd(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-
-
-@torch.library.custom_op("fusedcnn::triton_avg_pool2d_backward", mutates_args=())
-def _triton_avg_pool2d_backward(grad_out: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
-                                padding: list[int], ceil_mode: bool, count_include_pad: bool,
-                                divisor_override: Optional[int]) -> Tensor:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.avg_pool2d_bwd(grad_out, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                            divisor_override)
-
-
-@torch.library.custom_op("fusedcnn::triton_adaptive_avg_pool2d", mutates_args=())
-def _triton_adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.adaptive_avg_pool2d_fwd(x, output_size)
-
-
-@torch.library.custom_op("fusedcnn::triton_adaptive_avg_pool2d_backward", mutates_args=())
-def _triton_adaptive_avg_pool2d_backward(grad_out: Tensor, input_size: list[int]) -> Tensor:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.adaptive_avg_pool2d_bwd(grad_out, input_size)
-
-
-@torch.library.custom_op("fusedcnn::triton_adaptive_max_pool2d", mutates_args=())
-def _triton_adaptive_max_pool2d(x: Tensor, output_size: list[int]) -> tuple[Tensor, Tensor]:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.adaptive_max_pool2d_fwd(x, output_size)
-
-
-@torch.library.custom_op("fusedcnn::triton_adaptive_max_pool2d_backward", mutates_args=())
-def _triton_adaptive_max_pool2d_backward(grad_out: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
-    from fusedcnn.triton_kernels import pooling as K
-    return K.adaptive_max_pool2d_bwd(grad_out, indices, input_size)
+# ---- the compiled ops (schemas; launchers of the same names in fusedcnn.triton_kernels.pooling)
+define("pooling", {
+    "max_pool2d": "(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode, "
+                  "bool return_indices) -> (Tensor, Tensor)",
+    "max_pool2d_backward": "(Tensor grad_out, Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+                           "int[2] dilation, bool ceil_mode) -> Tensor",
+    "avg_pool2d": "(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+                  "bool count_include_pad, int? divisor_override) -> Tensor",
+    "avg_pool2d_backward": "(Tensor grad_out, int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, "
+                           "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor",
+    "adaptive_avg_pool2d": "(Tensor x, int[2] output_size) -> Tensor",
+    "adaptive_avg_pool2d_backward": "(Tensor grad_out, int[4] input_size) -> Tensor",
+    "adaptive_max_pool2d": "(Tensor x, int[2] output_size) -> (Tensor, Tensor)",
+    "adaptive_max_pool2d_backward": "(Tensor grad_out, Tensor indices, int[4] input_size) -> Tensor",
+})
 
 
 # ---- fake functions (shapes, dtypes, memory formats), shared by triton and cpp
@@ -177,6 +136,39 @@ register("adaptive_max_pool2d", fake=lambda x, output_size: (_fake_adaptive(x, o
          setup_context=_save_indices, backward_factory=_adaptive_max_pool2d_backward)
 
 
+# ---- one implementation per backend, with the compiled ops' arguments and results (x: (N, C, H, W)):
+#   max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices) -> (out, indices | None)
+#   avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> out
+#   adaptive_avg_pool2d(x, output_size) -> out;   adaptive_max_pool2d(x, output_size) -> (out, indices)
+class _Torch:
+    @staticmethod
+    def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices):
+        res = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=return_indices)
+        return res if return_indices else (res, None)
+
+    @staticmethod
+    def avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    adaptive_avg_pool2d = staticmethod(F.adaptive_avg_pool2d)
+    adaptive_max_pool2d = staticmethod(lambda x, output_size: F.adaptive_max_pool2d(x, output_size, True))
+
+
+class _Reference:
+    @staticmethod
+    def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices):
+        res = reference.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices)
+        return res if return_indices else (res, None)
+
+    avg_pool2d = staticmethod(reference.avg_pool2d)
+    adaptive_avg_pool2d = staticmethod(reference.adaptive_avg_pool2d)
+    adaptive_max_pool2d = staticmethod(lambda x, output_size: reference.adaptive_max_pool2d(x, output_size, True))
+
+
+IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Reference, "triton": CompiledOps("triton"),
+                                     "cpp": CompiledOps("cpp")})
+
+
 # ---- public functional entry points (torch.nn.functional's signatures + backend=)
 def _run_batched(fn, x: Tensor):
     """Run fn on a 4-D view of x; unbatched (C, H, W) input gets a batch of one, as in torch."""
@@ -191,68 +183,44 @@ def _check_input(x, fn):
         raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(x).__name__}")
 
 
+def _out(res, return_indices: bool):
+    """(out, indices) -> what torch returns: the pair, or out alone."""
+    return (res[0], res[1]) if return_indices else res[0]
+
+
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False, *, backend: str | None = None):
     """torch.nn.functional.max_pool2d with a `backend=` choice."""
     _check_input(input, "max_pool2d")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
-                            return_indices=return_indices)
+    impl = dispatch(FAMILY, backend, input)
     k, s, p, d, _ = regular_geometry("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
-
-    def run(x):
-        if name == "reference":
-            return reference.max_pool2d(x, k, s, p, d, ceil_mode, return_indices)
-        out, idx = op(name, "max_pool2d")(x, list(k), list(s), list(p), list(d), ceil_mode, return_indices)
-        return (out, idx) if return_indices else out
-    return _run_batched(run, input)
+    return _run_batched(lambda x: _out(impl.max_pool2d(x, list(k), list(s), list(p), list(d), ceil_mode,
+                                                       return_indices), return_indices), input)
 
 
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None, *, backend: str | None = None):
     """torch.nn.functional.avg_pool2d with a `backend=` choice."""
     _check_input(input, "avg_pool2d")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    impl = dispatch(FAMILY, backend, input)
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError("divisor must be not zero")
     k, s, p, _, _ = regular_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
-
-    def run(x):
-        if name == "reference":
-            return reference.avg_pool2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override)
-        return op(name, "avg_pool2d")(x, list(k), list(s), list(p), ceil_mode, count_include_pad, divisor_override)
-    return _run_batched(run, input)
+    return _run_batched(lambda x: impl.avg_pool2d(x, list(k), list(s), list(p), ceil_mode, count_include_pad,
+                                                  divisor_override), input)
 
 
 def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = None):
     """torch.nn.functional.adaptive_avg_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_avg_pool2d")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.adaptive_avg_pool2d(input, output_size)
+    impl = dispatch(FAMILY, backend, input)
     out_hw = adaptive_geometry("adaptive_avg_pool2d", input, output_size)
-
-    def run(x):
-        if name == "reference":
-            return reference.adaptive_avg_pool2d(x, out_hw)
-        return op(name, "adaptive_avg_pool2d")(x, list(out_hw))
-    return _run_batched(run, input)
+    return _run_batched(lambda x: impl.adaptive_avg_pool2d(x, list(out_hw)), input)
 
 
 def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False, *, backend: str | None = None):
     """torch.nn.functional.adaptive_max_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_max_pool2d")
-    name = backends.resolve(backend, input, FAMILY)
-    if name == "torch":
-        return F.adaptive_max_pool2d(input, output_size, return_indices)
+    impl = dispatch(FAMILY, backend, input)
     out_hw = adaptive_geometry("adaptive_max_pool2d", input, output_size)
-
-    def run(x):
-        if name == "reference":
-            return reference.adaptive_max_pool2d(x, out_hw, return_indices)
-        out, idx = op(name, "adaptive_max_pool2d")(x, list(out_hw))
-        return (out, idx) if return_indices else out
-    return _run_batched(run, input)
+    return _run_batched(lambda x: _out(impl.adaptive_max_pool2d(x, list(out_hw)), return_indices), input)

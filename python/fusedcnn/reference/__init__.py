@@ -1,12 +1,12 @@
 """The `reference` backend: every layer from first principles in plain PyTorch tensor code.
 
-Readable, complete, and the oracle the tests compare the fast backends with.
+Readable, complete, and the oracle the tests compare the fast backends with. One module per layer family; this
+package exports every module's __all__ (relu, batch_norm, conv2d, dropout, max_pool2d, ...), with the compiled ops'
+names, so the ops modules can use it as an implementation like a compiled backend's ops.
 """
-from fusedcnn.reference.activation import relu
-from fusedcnn.reference.batchnorm import batch_norm, batch_norm_stats
-from fusedcnn.reference.conv import conv2d
-from fusedcnn.reference.dropout import dropout, dropout_keep
-from fusedcnn.reference.pooling import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-__all__ = ["relu", "batch_norm", "batch_norm_stats", "conv2d", "dropout", "dropout_keep", "max_pool2d",
-           "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]
+_MODULES = [_importlib.import_module(f"{__name__}.{name}") for _, name, _ in sorted(_pkgutil.iter_modules(__path__))]
+__all__ = [name for module in _MODULES for name in module.__all__]
+globals().update({name: getattr(module, name) for module in _MODULES for name in module.__all__})

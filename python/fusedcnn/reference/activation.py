@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor
 
+__all__ = ["relu"]
+
 
 def relu(x: Tensor) -> Tensor:
     # x <= 0 is False for NaN, so NaN propagates as in torch.relu; the gradient

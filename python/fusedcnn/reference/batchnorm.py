@@ -18,10 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedcnn.common import stats_dtype
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-channel statistics: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["batch_norm", "batch_norm_stats"]
 
 
 def _per_channel(t: Tensor) -> Tensor:

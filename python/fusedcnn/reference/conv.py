@@ -19,42 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn.triton_kernels._common import dense_format
+from fusedcnn.common import conv_output_size, dense_format, explicit_padding, pair
 
-
-def pair(v, name: str) -> tuple[int, int]:
-    """int or 1-/2-sequence of ints -> (int, int), with torch's message for a wrong length."""
-    t = (v,) if isinstance(v, int) else tuple(v)
-    if len(t) == 1:
-        t = t * 2
-    if len(t) != 2:
-        raise RuntimeError(f"expected {name} to be a single integer value or a list of 2 values to match the "
-                           f"convolution dimensions, but got {name}={list(t)}")
-    return int(t[0]), int(t[1])
-
-
-def explicit_padding(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
-    """padding (int, pair, "same" or "valid") -> (top, bottom, left, right).
-
-    "same" keeps H and W (stride 1): the total dH*(kH-1) is split with the extra row/column,
-    when it is odd, on the bottom/right, as torch does.
-    """
-    if isinstance(padding, str):
-        if padding == "valid":
-            return 0, 0, 0, 0
-        if padding == "same":
-            out = []
-            for k, d in zip(kernel, dilation):
-                total = d * (k - 1)
-                out += [total // 2, total - total // 2]
-            return tuple(out)
-        raise RuntimeError(f"Invalid padding string: {padding!r}")
-    ph, pw = pair(padding, "padding")
-    return ph, ph, pw, pw
-
-
-def conv_output_size(size: int, pad_total: int, kernel: int, stride: int, dilation: int) -> int:
-    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+__all__ = ["conv2d"]
 
 
 class _Conv2dFunction(torch.autograd.Function):

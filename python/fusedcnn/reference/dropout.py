@@ -13,6 +13,8 @@ from torch import Tensor
 
 from fusedcnn.reference import philox
 
+__all__ = ["dropout", "dropout_keep"]
+
 
 def dropout_keep(seed: int, shape, p: float, device=None) -> Tensor:
     """The keep mask (bool, contiguous, logical `shape`): u(seed, i) > float32(p) for every row-major index i."""

@@ -16,15 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusedcnn.common import dense_format, pooled_size
+
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]
+
 
 # ---------------------------------------------------------------- geometry (shared by every backend's Python side)
-def pooled_size(n: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
-    """Number of windows along a dimension of size n (PyTorch's pooling_output_shape)."""
-    span = dilation * (kernel - 1) + 1
-    out = (n + 2 * pad - span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= n + pad:
-        out -= 1  # the last window must start inside the input or the left padding
-    return out
 
 
 def adaptive_bounds(n: int, out: int) -> tuple[Tensor, Tensor]:
@@ -34,90 +31,6 @@ def adaptive_bounds(n: int, out: int) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------- argument checks (PyTorch's order and messages)
-def _pair(v, fn: str, what: str, default=None) -> tuple[int, int]:
-    hint = {"kernel_size": "must either be a single int, or a tuple of two ints",
-            "stride": "must either be omitted, a single int, or a tuple of two ints",
-            "padding": "must either be a single int, or a tuple of two ints",
-            "dilation": "must be either a single int, or a tuple of two ints"}[what]
-    if v is None or (what == "stride" and isinstance(v, (tuple, list)) and len(v) == 0):
-        return default
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(isinstance(e, int) for e in v):
-        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-    raise RuntimeError(f"{fn}: {what} {hint}")
-
-
-def _cdiv_trunc(a: int, b: int) -> int:
-    """C's integer division (toward zero), as PyTorch's checks compute it."""
-    q = abs(a) // abs(b)
-    return q if (a >= 0) == (b >= 0) else -q
-
-
-def regular_geometry(fn: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
-    """Normalise and check max/avg pooling arguments like PyTorch.
-
-    Returns (kernel, stride, padding, dilation, (OH, OW)) as int pairs; raises RuntimeError
-    with PyTorch's message for bad input. x: (C, H, W) or (N, C, H, W).
-    """
-    k = _pair(kernel_size, fn, "kernel_size")
-    s = _pair(stride, fn, "stride", default=k)
-    p = _pair(padding, fn, "padding")
-    d = _pair(dilation, fn, "dilation")
-    if x.dim() not in (3, 4) or x.numel() == 0 and x.dim() == 3:
-        raise RuntimeError("non-empty 3D or 4D (batch mode) tensor expected for input")
-    out = []
-    for i in range(2):  # pooling_output_shape, H then W
-        if s[i] == 0:
-            raise RuntimeError("stride should not be zero")
-        if p[i] < 0:
-            raise RuntimeError(f"pad must be non-negative, but got pad: {p[i]}")
-        if p[i] > _cdiv_trunc((k[i] - 1) * d[i] + 1, 2):
-            raise RuntimeError(f"pad should be at most half of effective kernel size, but got pad={p[i]}, "
-                               f"kernel_size={k[i]} and dilation={d[i]}")
-        out.append(pooled_size(x.shape[i - 2], k[i], s[i], p[i], d[i], ceil_mode) if s[i] > 0 else 0)
-    if k[0] <= 0 or k[1] <= 0:
-        raise RuntimeError(f"kernel size should be greater than zero, but got kH: {k[0]} kW: {k[1]}")
-    if s[0] <= 0 or s[1] <= 0:
-        raise RuntimeError(f"stride should be greater than zero, but got dH: {s[0]} dW: {s[1]}")
-    if d[0] <= 0 or d[1] <= 0:
-        raise RuntimeError(f"dilation should be greater than zero, but got dilationH: {d[0]} dilationW: {d[1]}")
-    if any(n == 0 for n in x.shape[-3:]):
-        raise RuntimeError("Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
-                           f"but got:{list(x.shape)}")
-    if k[1] // 2 < p[1] or k[0] // 2 < p[0]:
-        raise RuntimeError(f"pad should be smaller than or equal to half of kernel size, but got padW = {p[1]}, "
-                           f"padH = {p[0]}, kW = {k[1]}, kH = {k[0]}")
-    if out[0] < 1 or out[1] < 1:
-        C, H, W = x.shape[-3:]
-        raise RuntimeError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{out[0]}x{out[1]}). "
-                           "Output size is too small")
-    return k, s, p, d, (out[0], out[1])
-
-
-def adaptive_geometry(fn: str, x: Tensor, output_size) -> tuple[int, int]:
-    """Normalise and check an adaptive pooling output_size like PyTorch (None = the input's size)."""
-    if x.dim() not in (3, 4):
-        sep = ": " if fn == "adaptive_max_pool2d" else " "
-        raise RuntimeError(f"{fn}(): Expected 3D or 4D tensor, but got{sep}{list(x.shape)}")
-    if isinstance(output_size, int):
-        output_size = (output_size, output_size)
-    if not isinstance(output_size, (tuple, list)) or len(output_size) != 2:
-        raise RuntimeError(f"{fn}: output_size must be 2")
-    out = tuple(x.shape[i - 2] if v is None else int(v) for i, v in enumerate(output_size))
-    for i in range(1, x.dim()) if x.dim() == 4 else range(x.dim()):
-        if x.shape[i] == 0:
-            raise RuntimeError(f"{fn}(): Expected input to have non-zero size for non-batch dimensions, "
-                               f"but input has sizes {list(x.shape)} with dimension {i} being empty")
-    if out[0] < 0 or out[1] < 0:
-        raise RuntimeError(f"{fn}: elements of output_size must be greater than or equal to 0 "
-                           f"but received {{{out[0]}, {out[1]}}}")
-    return out
-
-
-def _format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
-                                   and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
 
 
 # ---------------------------------------------------------------- windows
@@ -173,7 +86,7 @@ def max_pool2d(x: Tensor, kernel, stride, pad, dilation, ceil_mode: bool = False
     vals = _windows(x, kernel, stride, pad, dilation, (oh, ow), float("-inf"))
     flat, inside = _tap_positions(oh, ow, kernel, stride, pad, dilation, H, W)
     out, idx = _window_max(vals, inside.to(x.device), flat.to(x.device))
-    fmt = _format(x)
+    fmt = dense_format(x)
     out = out.contiguous(memory_format=fmt)
     return (out, idx.contiguous(memory_format=fmt)) if return_indices else out
 
@@ -196,7 +109,7 @@ def avg_pool2d(x: Tensor, kernel, stride, pad, ceil_mode: bool = False, count_in
             return torch.minimum(start + k, torch.tensor(n)) - start.clamp(min=0)
         div = (counts(H, kernel[0], stride[0], pad[0], oh)[:, None]
                * counts(W, kernel[1], stride[1], pad[1], ow)[None, :]).to(acc)
-    return (total / div.to(x.device)).to(x.dtype).contiguous(memory_format=_format(x))
+    return (total / div.to(x.device)).to(x.dtype).contiguous(memory_format=dense_format(x))
 
 
 def _adaptive_taps(n: int, out: int):
@@ -226,12 +139,12 @@ def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
     vals, _, real = _adaptive_windows(x.to(acc), output_size)
     total = torch.where(real, vals, 0.0).sum(-1)
     out = total / real.sum(-1).to(acc)
-    return out.to(x.dtype).contiguous(memory_format=_format(x))
+    return out.to(x.dtype).contiguous(memory_format=dense_format(x))
 
 
 def adaptive_max_pool2d(x: Tensor, output_size, return_indices: bool = False):
     vals, flat, real = _adaptive_windows(x, output_size)
     out, idx = _window_max(vals, real, flat)
-    fmt = _format(x)
+    fmt = dense_format(x)
     out = out.contiguous(memory_format=fmt)
     return (out, idx.contiguous(memory_format=fmt)) if return_indices else out
