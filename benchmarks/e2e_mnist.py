@@ -33,7 +33,7 @@ from benchmarks import report  # noqa: E402
 # Runs: name -> the TrainConfig options that make it (a fusedcnn backend's run is named after the backend).
 BASELINES = {"torch": dict(backend="torch"), "torch.compile": dict(backend="torch", compile=True)}
 FUSED = ("reference", "cpp", "triton")
-# triton with separate Conv2d / BatchNormReLU2d layers: what the fused ConvBNReLU2d layout (run "triton") buys
+# triton with plain nn.Sequential containers (no fused runs): what the fusion plan (run "triton") buys
 VARIANTS = {"triton-unfused": dict(backend="triton", fused=False)}
 
 PRESETS = {

@@ -6,7 +6,7 @@ import torch
 
 import fusedcnn
 
-# (rtol, atol) of a fast backend against an fp32/fp64 computation, per input dtype (DESIGN.md).
+# (rtol, atol) of a fast backend against an fp32/fp64 computation, per input dtype (docs/ARCHITECTURE.md).
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),

@@ -21,7 +21,7 @@ SHAPES = [(257,), (3, 5, 7), (2, 3, 5, 7), (2, 5, 3, 4), (1, 2, 3, 2, 4)]
 
 
 def _expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The DESIGN.md definition written out independently of reference.dropout: x * (u > p ? scale : 0)."""
+    """The docs/ARCHITECTURE.md definition written out independently of reference.dropout: x * (u > p ? scale : 0)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     u = philox.rand(seed, torch.arange(x.numel()).view(x.shape))
     keep = u > torch.tensor(p, dtype=torch.float32)

@@ -202,6 +202,34 @@ def test_resume_on_another_backend(tmp_path):
     assert _state_equal(saved, load_checkpoint(str(tmp_path / "checkpoint.pt"))["model"]) != []  # it trained on
 
 
+# A checkpoint written by fusedcnn 0.1.0 at commit 44f8bd3 (before fusion became an execution plan):
+#   fusedcnn train --dataset mnist-sample --backend cpp --width 0.015625 --resolution 32 --head avgpool --steps 3
+#     --batch-size 8 --optimizer sgd --no-augment --threads 2 --no-test
+LEGACY_CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "checkpoint-0.1.0-44f8bd3.pt")
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpp", "triton")))
+def test_checkpoint_from_before_the_fusion_plan_still_loads(backend, tmp_path):
+    """Model (strict keys, fused and unfused containers) and optimizer state load; `--resume` trains on from it."""
+    ckpt = load_checkpoint(LEGACY_CHECKPOINT)
+    c = ckpt["config"]
+    for fused in (True, False):
+        model = fusedcnn.models.vgg16(1, 10, c["width"], c["head"], c["dropout"], backend, fused)
+        model.load_state_dict(ckpt["model"])  # strict: the same keys
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=c["momentum"])
+        opt.load_state_dict(ckpt["optimizer"])  # by parameter position: the same order
+        assert all(torch.equal(t, ckpt["model"][k]) for k, t in model.state_dict().items())
+    if backend == "triton":
+        return  # a training run under the Triton interpreter is too slow for the suite; the weights loaded above
+    (tmp_path / "checkpoint.pt").write_bytes(open(LEGACY_CHECKPOINT, "rb").read())
+    args = ["--dataset", "mnist-sample", "--backend", backend, "--width", "0.015625", "--resolution", "32", "--head",
+            "avgpool", "--steps", "5", "--batch-size", "8", "--optimizer", "sgd", "--no-augment", "--threads", "2",
+            "--no-test", "--output-dir", str(tmp_path), "--resume", "--no-progress"]
+    assert main(args) == 0
+    resumed = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert resumed["global_step"] == 5 and ckpt["global_step"] == 3
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     run(TrainConfig(**SHORT, steps=2, output_dir=str(tmp_path), test=False))
     with pytest.raises(ValueError, match=r"differ from the checkpoint.*\n  lr: checkpoint None, now 0.5"):

@@ -1,7 +1,7 @@
 """Dropout kernels: out = x * (u(seed, i) > p ? scale : 0), the mask regenerated, never stored.
 
 x: any shape, float32|float16|bfloat16, contiguous or (4-D) channels_last; out: same shape, dtype, format.
-u(seed, i) is the Philox stream of DESIGN.md at the element's row-major index i in
+u(seed, i) is the Philox stream of docs/ARCHITECTURE.md at the element's row-major index i in
 the LOGICAL shape, so NCHW and NHWC give the same mask. The backward is this
 same kernel applied to grad_out with the forward's seed.
 
@@ -30,7 +30,7 @@ def _keep_factor(seed, idx, p, scale):
     """scale where u(seed, idx) > p else 0.0 (float32); idx: int64 logical indices >= 0, seed: an int scalar.
 
     The counter is built explicitly (low word, high word = idx >> 32, 0, 0) rather
-    than through tl.rand, so every Triton version gives the DESIGN.md stream;
+    than through tl.rand, so every Triton version gives the stream of docs/ARCHITECTURE.md;
     tl.philox reads the seed as 64 bits (an int32 seed is sign-extended, the same
     bits as the int64 the op receives).
     """

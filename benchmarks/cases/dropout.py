@@ -1,7 +1,7 @@
 """Dropout cases (p = 0.5, training): the classifier's (N, hidden) activations, as in VGG16's head,
 and the largest conv output, where bandwidth shows.
 
-x in the case's dtype. fusedcnn's dropout draws its mask from the Philox stream (DESIGN.md),
+x in the case's dtype. fusedcnn's dropout draws its mask from the Philox stream (docs/ARCHITECTURE.md),
 torch from its own generator, so results are not compared elementwise with torch: `check`
 verifies that each output element is 0 or x/(1-p), that the kept fraction is within 6 sigma
 of 1-p, and that grad_x = grad_out * (y != 0) / (1-p).

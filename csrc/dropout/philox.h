@@ -1,4 +1,4 @@
-// The fusedcnn dropout stream (DESIGN.md, "The dropout stream"): Philox4x32-10
+// The fusedcnn dropout stream (docs/ARCHITECTURE.md, "The dropout stream"): Philox4x32-10
 // exactly as Triton's tl.rand(seed, offset), usable from host and device code.
 //
 //   key     (k0, k1)         = low, high 32 bits of the 64-bit seed

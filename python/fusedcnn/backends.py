@@ -1,6 +1,6 @@
 """The one dispatch point: which implementation runs an op.
 
-Backends (DESIGN.md):
+Backends (docs/ARCHITECTURE.md):
   torch      PyTorch's own layers (cuDNN / oneDNN): the baseline
   reference  first-principles PyTorch tensor code: readable, the test oracle
   triton     Triton kernels: CUDA tensors; CPU tensors only under TRITON_INTERPRET=1

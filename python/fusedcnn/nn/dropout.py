@@ -1,4 +1,4 @@
-"""Dropout module: torch.nn.Dropout plus `backend=`. Masks come from the Philox stream (DESIGN.md)."""
+"""Dropout module: torch.nn.Dropout plus `backend=`. Masks come from the Philox stream (docs/ARCHITECTURE.md)."""
 import torch
 
 from fusedcnn.backends import check_backend_arg

@@ -1,4 +1,4 @@
-"""Dropout from first principles, driven by the Philox stream (DESIGN.md, "The dropout stream").
+"""Dropout from first principles, driven by the Philox stream (docs/ARCHITECTURE.md, "The dropout stream").
 
 x: any shape, float16|bfloat16|float32|float64, any memory format.
 Element i (its row-major index in the logical shape, whatever the memory

@@ -1,4 +1,4 @@
-"""Philox4x32-10 in plain PyTorch: the dropout stream of every fusedcnn backend (DESIGN.md).
+"""Philox4x32-10 in plain PyTorch: the dropout stream of every fusedcnn backend (docs/ARCHITECTURE.md).
 
 It reproduces Triton's ``tl.rand(seed, offset)`` bit for bit (checked against
 ``tl.rand`` itself in tests/test_dropout.py):
