@@ -498,11 +498,7 @@ def main(argv=None) -> int:
     if threads:
         torch.set_num_threads(threads)
     quick = args.quick or preset.get("quick", False)
-    timer = Timer(device, quick)
-    if not quick:
-        timer.warmup_ms = preset.get("warmup_ms", timer.warmup_ms)
-        timer.rep_ms = preset.get("rep_ms", timer.rep_ms)
-        timer.cpu_min_run_s = preset.get("cpu_min_run_s", timer.cpu_min_run_s)
+    timer = _timer(device, quick, preset)
     backends, unavailable = choose_backends(args, device)
     env = report.environment(device)
     notes = [f"{b}: not run ({why})" for b, why in unavailable.items()]
@@ -554,19 +550,32 @@ def main(argv=None) -> int:
         notes.append(f"time budget of {budget:.0f} s reached: {skipped} of {len(configs)} configurations not run")
     if interrupted:
         notes.append("interrupted before the end: partial results")
-    layers, totals = summary(writer.rows)
-    writer.header["notes"] = notes
-    writer.write_json({"summary": layers, "stack_totals": totals, "elapsed_s": time.monotonic() - start})
-    text = markdown(header, writer.rows, layers, totals, notes)
-    writer.write_md(text)
-    png = None
-    if not args.no_plots:
-        png = plot(writer.rows, writer.path("-speedup.png"),
+    _write_results(writer, header, notes, time.monotonic() - start, None if args.no_plots else
                    f"fusedcnn {preset_name}: {report.stamp_line(env, wrap=True)}")
-    print(text)
-    print(f"results: {writer.path('.json')}, {writer.path('.md')}" + (f", {png}" if png else ""), file=sys.stderr)
     torch.set_num_threads(old_threads)
     return 130 if interrupted else 0
+
+
+def _timer(device: torch.device, quick: bool, preset: dict) -> Timer:
+    """The Timer for the preset (its warm-up, repeat and minimum-run settings unless --quick)."""
+    timer = Timer(device, quick)
+    if not quick:
+        timer.warmup_ms = preset.get("warmup_ms", timer.warmup_ms)
+        timer.rep_ms = preset.get("rep_ms", timer.rep_ms)
+        timer.cpu_min_run_s = preset.get("cpu_min_run_s", timer.cpu_min_run_s)
+    return timer
+
+
+def _write_results(writer, header: dict, notes: list, elapsed_s: float, plot_title: str | None) -> None:
+    """JSON (rows, per-layer summary, stack totals), markdown and, with a title, the speedup PNG; prints the table."""
+    layers, totals = summary(writer.rows)
+    writer.header["notes"] = notes
+    writer.write_json({"summary": layers, "stack_totals": totals, "elapsed_s": elapsed_s})
+    text = markdown(header, writer.rows, layers, totals, notes)
+    writer.write_md(text)
+    png = plot(writer.rows, writer.path("-speedup.png"), plot_title) if plot_title is not None else None
+    print(text)
+    print(f"results: {writer.path('.json')}, {writer.path('.md')}" + (f", {png}" if png else ""), file=sys.stderr)
 
 
 def _main_thread() -> bool:

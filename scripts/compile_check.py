@@ -9,18 +9,22 @@ and for every configuration in _GEMM_CONFIGS: triton.compile(ASTSource(...), tar
 with the argument specialisation the JIT would give a VGG16 layer in channels_last (N=8, C=128, 56x56, 3x3,
 stride 1, padding 1: unit strides become constexpr 1, multiples of 16 get the divisibility hint).
 
-Columns: regs / spills (per thread: registers and local-memory spill bytes, cuobjdump -res-usage), smem (bytes Triton allocates), est (conv.pipeline_smem_bytes,
-what the autotuner's prune compares with the device limit), kept (the prune keeps it on that GPU), fits
-(smem <= limit). A kept config that does not fit would fail at launch: the script exits 1 if there is one.
+Columns: regs / spills (per thread: registers and local-memory spill bytes, from cuobjdump -res-usage), smem
+(bytes Triton allocates), est (conv.smem_bytes with the kernel's hooks: what the autotuner's prune compares
+with the device limit), kept (the prune keeps it on that GPU), fits (smem <= limit). A kept config that does
+not fit would fail at launch: the script exits 1 if there is one.
 
-Unless --no-baseline, the hooks-off kernels are also compiled from the last commit's triton_kernels/conv.py
-(git show HEAD:...) and their PTX compared with the merged kernels' (ignoring the parameter list, which gains
-the hook pointers): "same" means the conv2d path compiles to the instructions it had before the hooks.
+Unless --no-baseline, the hooks-off kernels are also compiled from the newest committed triton_kernels/conv.py
+without the hooks, and their PTX compared with the merged kernels' (ignoring the parameter list, which gains
+the hook pointers, and source-line debug info): "same" = identical; "same instructions, reordered" = the same
+multiset of PTX instructions, registers and shared memory (the longer parameter list reorders the parameter
+loads); anything else is reported as DIFFERENT.
 Must run without TRITON_INTERPRET=1 (it is removed from the environment here).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -171,8 +175,11 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def _ptx_body(ptx: str) -> str:
-    """The PTX instructions after the .entry's parameter list, parameter names normalised."""
+    """The PTX instructions after the .entry's parameter list: parameter names normalised, source-line debug
+    information (.loc, .file, the debug sections) dropped, since the merged file's line numbers differ."""
     body = ptx[ptx.index(")", ptx.index(".entry")):]
+    body = body.split(".section", 1)[0]
+    body = "\n".join(line for line in body.splitlines() if not re.match(r"\s*(\.loc|\.file|\$L__tmp|\$L__func)", line))
     return re.sub(r"_param_\d+", "_param_N", body)
 
 
@@ -187,13 +194,26 @@ def _conv_module():
     return _MODS["conv"]
 
 
+def _baseline_commit() -> str:
+    """The newest commit whose triton_kernels/conv.py has no fusion hooks (the conv2d kernels before the merge)."""
+    log = subprocess.run(["git", "log", "--format=%H", "--", "triton_kernels/conv.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+    for commit in log:
+        src = subprocess.run(["git", "show", f"{commit}:triton_kernels/conv.py"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+        if "PROLOGUE" not in src:
+            return commit
+    raise RuntimeError("no commit of triton_kernels/conv.py without the fusion hooks")
+
+
 def _baseline_module():
-    """triton_kernels/conv.py as of HEAD, imported as a sibling of today's _common (a temporary package)."""
+    """triton_kernels/conv.py before the fusion hooks, imported as a sibling of today's _common (a temporary
+    package)."""
     if "base" not in _MODS:
         d = tempfile.mkdtemp(prefix="conv_head_")
         pkg = os.path.join(d, "conv_head_pkg")
         os.makedirs(pkg)
-        src = subprocess.run(["git", "show", "HEAD:triton_kernels/conv.py"], cwd=ROOT, check=True,
+        src = subprocess.run(["git", "show", f"{_baseline_commit()}:triton_kernels/conv.py"], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout
         with open(os.path.join(pkg, "conv.py"), "w") as f:
             f.write(src)
@@ -218,19 +238,34 @@ def _jobs(quick: bool, baseline: bool):
     return jobs
 
 
+def _same(r, b) -> str:
+    """How the merged kernel's PTX compares with the pre-hooks kernel's."""
+    if "error" in b:
+        return "error"
+    if b["ptx"] == r["ptx"]:
+        return "same"
+    ops = [collections.Counter(re.findall(r"^\s+([a-z][\w.]*)\s", x["ptx"], re.M)) for x in (r, b)]
+    if ops[0] == ops[1] and (r["regs"], r["smem"]) == (b["regs"], b["smem"]):
+        return "same instructions, reordered"
+    return f"DIFFERENT (before: {b['regs']} regs, {b['smem']} B)"
+
+
 def _report(results) -> int:
     conv = _conv_module()
     base = {(r["kernel"], r["dt"], r["cc"], r["cfg"]): r for r in results if r["baseline"]}
     bad = 0
     print("| kernel | hooks | dtype | sm | config (BMxBNxBK, warps, stages) | regs | spills | smem B | est B "
-          "| limit B | kept | fits | vs HEAD |")
+          "| limit B | kept | fits | vs pre-hooks |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted((r for r in results if not r["baseline"]),
                     key=lambda r: (KERNELS.index(r["kernel"]), r["hooks"], r["dt"], r["cc"], r["cfg"])):
         c = conv._GEMM_CONFIGS[r["cfg"]]
         kw = c.kwargs
         name = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}, {c.num_warps}, {c.num_stages}"
-        est = conv.pipeline_smem_bytes(c, DTYPES[r["dt"]])
+        names = {"fwd": ("PROLOGUE", "STATS"), "dgrad": ("GRAD_AFFINE", "PROLOGUE"),
+                 "wgrad": ("GRAD_AFFINE", "PROLOGUE", "DBIAS")}[r["kernel"]]
+        flags = conv.hook_smem_flags(r["kernel"], {h: r["hooks"] for h in names})
+        est = conv.smem_bytes(c, DTYPES[r["dt"]], r["cc"] // 10, **flags)
         limit = LIMITS[r["cc"]]
         kept = est <= limit
         hooks = "on" if r["hooks"] else "off"
@@ -241,9 +276,7 @@ def _report(results) -> int:
             continue
         fits = r["smem"] <= limit
         b = base.get((r["kernel"], r["dt"], r["cc"], r["cfg"]))
-        same = "" if r["hooks"] or b is None else (
-            "error" if "error" in b else ("same" if b["ptx"] == r["ptx"] else
-                                          f"DIFFERENT (HEAD {b['regs']} regs, {b['smem']} B)"))
+        same = "" if r["hooks"] or b is None else _same(r, b)
         print(f"| {r['kernel']} | {hooks} | {r['dt']} | {r['cc']} | {name} | {r['regs']} | {r['spills']} | "
               f"{r['smem']} | {est} | {limit} | {'yes' if kept else 'no'} | {'yes' if fits else 'NO'} | {same} |")
         bad += kept and not fits
@@ -255,7 +288,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two configs (one Hopper, one Ampere) instead of all")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--no-baseline", action="store_true", help="skip the comparison with HEAD's kernels")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the comparison with the pre-hooks kernels")
     args = ap.parse_args()
     jobs = _jobs(args.quick, not args.no_baseline)
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:

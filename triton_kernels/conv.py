@@ -37,9 +37,10 @@ Implicit-GEMM K loops come in two modes (constexpr MODE):
 Pixel counts (N*P*Q, N*H*W) must stay below 2**31; every memory offset is int64.
 
 Fusion hooks (constexpr, in the manner of the Triton matmul tutorial's ACTIVATION; all False for conv2d, whose
-kernels then compile to exactly the code they had without hooks). They serve conv_bn_relu, where a conv writes
-only its raw output y = conv(a) + bias and the BatchNorm + ReLU of the layer, relu(y*scale + shift), is applied by
-the NEXT conv while it loads y (cuDNN's runtime fusion "scale-bias-ReLU prologue, statistics epilogue"):
+kernels then compile to the instructions, registers and shared memory they had without hooks — checked by
+scripts/compile_check.py). They serve conv_bn_relu, where a conv writes only its raw output y = conv(a) + bias
+and the BatchNorm + ReLU of the layer, relu(y*scale + shift), is applied by the NEXT conv while it loads y
+(cuDNN's runtime fusion "scale-bias-ReLU prologue, statistics epilogue"):
     PROLOGUE     forward, wgrad: the x operand is a = relu(x*S[c] + T[c]) (S, T float32 per input channel);
                  padding taps stay 0 (zero padding applies to a, as in conv(relu(bn(y))));
                  dgrad: its backward in the epilogue, dL/dx = dL/da * [x*S+T > 0] * S, plus per-tile partial
@@ -105,24 +106,50 @@ else:
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)   # sizes the per-tile statistics partials
 
 
-def pipeline_smem_bytes(config: triton.Config, elem_size: int) -> int:
-    """Shared memory a config's software pipeline holds: num_stages copies of the A (BLOCK_M x BLOCK_K) and
-    B (BLOCK_K x BLOCK_N) tiles. scripts/compile_check.py compares this with what Triton allocates."""
+def smem_bytes(config: triton.Config, elem_size: int, cc_major: int, *, y_tile: bool = False,
+               staged_a: bool = False, staged_b: bool = False, scratch: bool = False) -> int:
+    """Shared memory a config needs (an upper estimate): the software pipeline's copies of the dot's A
+    (BLOCK_M x BLOCK_K) and B (BLOCK_K x BLOCK_N) tiles — num_stages of them on Hopper (cc 9), num_stages - 1
+    before — plus, with the fusion hooks, num_stages copies of the y tile GRAD_AFFINE loads next to A (y_tile),
+    one buffer for an operand tile transformed in registers before the dot (staged_a / staged_b: the PROLOGUE),
+    and 2 KB for the epilogue's cross-warp reductions (scratch). Fitted to, and never below, what Triton 3.8
+    allocates for every config of the three kernels, hooks off and on, fp32 and bf16, sm_80 and sm_90
+    (scripts/compile_check.py prints both)."""
     kw = config.kwargs
-    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_size
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    dot_stages = config.num_stages if cc_major >= 9 else config.num_stages - 1
+    total = dot_stages * (bm + bn) * bk
+    total += config.num_stages * bm * bk if y_tile else 0
+    total += bm * bk if staged_a else 0
+    total += bk * bn if staged_b else 0
+    return total * elem_size + (2048 if scratch else 0)
+
+
+def hook_smem_flags(kernel: str, hooks: dict) -> dict:
+    """smem_bytes' flags for a kernel ("fwd", "dgrad", "wgrad", other: none) launched with these constexprs."""
+    pro, affine = bool(hooks.get("PROLOGUE")), bool(hooks.get("GRAD_AFFINE"))
+    if kernel == "fwd":
+        return dict(staged_a=pro, scratch=pro or bool(hooks.get("STATS")))
+    if kernel == "dgrad":
+        return dict(y_tile=affine, scratch=pro or affine)
+    if kernel == "wgrad":
+        return dict(y_tile=affine, staged_b=pro, scratch=pro or affine or bool(hooks.get("DBIAS")))
+    return {}
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_limit(device: torch.device) -> int:
-    """Shared memory one block may use on device (opt-in maximum: H100 232,448 B, A100 166,912 B)."""
+def _smem_limit(device: torch.device) -> tuple[int, int]:
+    """(shared memory one block may use, compute capability major) of device (opt-in maximum: H100 232,448 B,
+    A100 166,912 B)."""
     if device.type != "cuda":
-        return 1 << 62   # the interpreter has no such limit
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        return 1 << 62, 9   # the interpreter has no such limit
+    props = torch.cuda.get_device_properties(device)
+    return props.shared_memory_per_block_optin, props.major
 
 
-def _prune(m_arg: str | None, n_arg: str | None = None, ptr_arg: str = "X_ptr"):
-    """Drop tiles far wider than the problem (e.g. BLOCK_N 256 for C_out = 64) and tiles whose pipeline does
-    not fit the device's shared memory (fp32 operands need twice the bytes of 16-bit ones); keep at least one."""
+def _prune(kernel: str, m_arg: str | None, n_arg: str | None, ptr_arg: str):
+    """Drop tiles far wider than the problem (e.g. BLOCK_N 256 for C_out = 64) and tiles whose shared memory
+    (smem_bytes, with the launch's hooks) exceeds the device's; keep at least one."""
     def prune(configs, named_args, **kwargs):
         if n_arg is None:   # wgrad: (kh, kw, channel block) columns in MODE 0, so the channel count bounds BLOCK_N
             n_name = "Cg" if kwargs.get("MODE", MODE_TILED) == MODE_TILED else "Kg"
@@ -131,8 +158,9 @@ def _prune(m_arg: str | None, n_arg: str | None = None, ptr_arg: str = "X_ptr"):
         n = max(16, triton.next_power_of_2(int(named_args[n_name])))
         m = max(16, triton.next_power_of_2(int(named_args[m_arg]))) if m_arg else None
         t = named_args[ptr_arg]
-        limit = _smem_limit(t.device)
-        fits = [c for c in configs if pipeline_smem_bytes(c, t.element_size()) <= limit] or configs
+        limit, cc_major = _smem_limit(t.device)
+        flags = hook_smem_flags(kernel, kwargs)
+        fits = [c for c in configs if smem_bytes(c, t.element_size(), cc_major, **flags) <= limit] or configs
         kept = [c for c in fits if c.kwargs["BLOCK_N"] <= n and (m is None or c.kwargs["BLOCK_M"] <= m)]
         return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
@@ -197,7 +225,7 @@ def _normalize_backward(acc, X_ptr, x_offs, S_ptr, T_ptr, PDS_ptr, PDT_ptr, ch, 
 # GEMM rows = output pixels (n, p, q), columns = output channels of group g (grid axis 1), K = (kh, kw, c).
 # ----------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "MODE", "PROLOGUE", "STATS"],
-                 prune_configs_by={"early_config_prune": _prune(None, "Cout_g", "X_ptr")})
+                 prune_configs_by={"early_config_prune": _prune("fwd", None, "Cout_g", "X_ptr")})
 @triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_K")})
 @triton.jit
 def _conv_fwd_kernel(
@@ -313,7 +341,7 @@ def _fwd_gather_loop(acc, X_ptr, W_ptr, COL_ptr, S_ptr, T_ptr, x_row, w_col, ih0
 # With stride 1 every tap is live; with stride s only ~1/s^2 of them are (the rest load as zeros).
 # ----------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "GRAD_AFFINE", "PROLOGUE"],
-                 prune_configs_by={"early_config_prune": _prune(None, "Cg", "G_ptr")})
+                 prune_configs_by={"early_config_prune": _prune("dgrad", None, "Cg", "G_ptr")})
 @triton.heuristics({"EVEN_CO": _even("Cout_g", "BLOCK_K")})
 @triton.jit
 def _conv_dgrad_kernel(
@@ -424,7 +452,7 @@ def _wgrad_columns(pid_n, rn, Cg, KW, Kg, c_tiles, MODE: tl.constexpr, BLOCK_N: 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["Cout_g", "Cg", "KH", "KW", "k_chunk", "MODE", "GRAD_AFFINE",
                                              "PROLOGUE", "DBIAS"],
-                 prune_configs_by={"early_config_prune": _prune("Cout_g", None, "G_ptr")})
+                 prune_configs_by={"early_config_prune": _prune("wgrad", "Cout_g", None, "G_ptr")})
 @triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_N"), "EVEN_CO": _even("Cout_g", "BLOCK_M")})
 @triton.jit
 def _conv_wgrad_kernel(
@@ -587,7 +615,7 @@ def _im2col_kernel(X_ptr, COL_ptr, M, H, W, P, Q, Cg, KH, KW, Kg, Ktot,
 # dgrad, im2col flavour, step 1: DCOL[(n, p, q), g*Kg + j] = sum_co DY[n, g*Cout_g + co, p, q] * W[g*Cout_g + co, j]
 # with j = (kh, kw, c) decoded per column. GEMM rows = output pixels, columns = Kg, K = Cout_g.
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Kg"],
-                 prune_configs_by={"early_config_prune": _prune(None, "Kg", "G_ptr")})
+                 prune_configs_by={"early_config_prune": _prune("dgrad_col", None, "Kg", "G_ptr")})
 @triton.heuristics({"EVEN_CO": _even("Cout_g", "BLOCK_K")})
 @triton.jit
 def _dgrad_col_gemm_kernel(
@@ -933,9 +961,9 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if y.numel() == 0:
         nan = torch.full((geo.Cout,), float("nan"), dtype=torch.float32, device=x.device)
         return y, nan, nan.clone()
-    bm = _conv_fwd_kernel.best_config.kwargs["BLOCK_M"]
-    tiles = triton.cdiv(geo.M_out, bm)
-    return (y, *_combine_stats(partials[0][:tiles], partials[1][:tiles], geo.M_out, bm))
+    tiles = _tiles_used(_conv_fwd_kernel, geo.M_out)
+    return (y, *_combine_stats(partials[0][:tiles], partials[1][:tiles], geo.M_out,
+                               _conv_fwd_kernel.best_config.kwargs["BLOCK_M"]))
 
 
 def _check_mask(output_mask):

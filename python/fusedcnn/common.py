@@ -4,7 +4,7 @@ The reference backend, the Triton launchers, the ops and the modules all import 
 another fusedcnn module, so the kernels and the oracle never depend on each other.
 
   layout        is_channels_last, dense_format
-  dtypes        stats_dtype (accumulation dtype of per-channel statistics)
+  dtypes        accumulation_dtype (what reductions and per-channel statistics accumulate in)
   conv          pair, explicit_padding, conv_output_size
   pooling       pooled_size, regular_geometry, adaptive_geometry (PyTorch's checks and messages)
   dropout       draw_seed
@@ -31,8 +31,8 @@ def dense_format(x: torch.Tensor) -> torch.memory_format:
 
 
 # ---------------------------------------------------------------- dtypes
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-channel statistics: float64 for float64 input, else float32."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions and per-channel statistics accumulate in: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from fusedcnn import reference
 from fusedcnn.ops._registry import define, dispatch, has_op, implement, op, register
-from fusedcnn.common import stats_dtype
+from fusedcnn.common import accumulation_dtype
 from fusedcnn.reference.batchnorm import update_running_stats
 from fusedcnn.common import dense_format
 
@@ -70,7 +70,7 @@ define("batchnorm", {  # cpp only: the training forward / backward in one call e
 # ---- fake functions, shared by triton and cpp
 def _fake_channel_pair(x: Tensor, *rest) -> tuple[Tensor, Tensor]:
     c = x.shape[1]
-    dt = stats_dtype(x.dtype)
+    dt = accumulation_dtype(x.dtype)
     return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
 
@@ -189,7 +189,7 @@ def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, m
             mean, var, count = _sync_stats(mean, var, count, group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
-        acc = stats_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     invstd = torch.rsqrt(var + eps)
     return _BatchNormApply.apply(x, weight, bias, mean, invstd, count, training, relu, backend, group)

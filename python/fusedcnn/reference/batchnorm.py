@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedcnn.common import stats_dtype
+from fusedcnn.common import accumulation_dtype
 
 __all__ = ["batch_norm", "batch_norm_stats"]
 
@@ -34,7 +34,7 @@ def batch_norm_stats(x: Tensor, process_group=None) -> tuple[Tensor, Tensor, int
     With a torch.distributed process group the sums run over every rank's batch (differentiably,
     through torch.distributed.nn.functional.all_reduce).
     """
-    xf = x.to(stats_dtype(x.dtype))
+    xf = x.to(accumulation_dtype(x.dtype))
     dims = (0, 2, 3)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     sums = xf.sum(dim=dims)
@@ -66,7 +66,7 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
                bias: Tensor | None, training: bool, momentum: float, eps: float, relu: bool = False,
                process_group=None) -> Tensor:
     """relu?(batch_norm(x)) for x: (N, C, H, W); arguments as torch.nn.functional.batch_norm (validated by the caller)."""
-    acc = stats_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     if training:
         mean, var, count = batch_norm_stats(x, process_group)
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)

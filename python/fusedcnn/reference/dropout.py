@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedcnn.common import accumulation_dtype
+
 from fusedcnn.reference import philox
 
 __all__ = ["dropout", "dropout_keep"]
@@ -27,7 +29,7 @@ def dropout_keep(seed: int, shape, p: float, device=None) -> Tensor:
 
 def _apply(x: Tensor, p: float, seed: int) -> Tensor:
     """x * (kept ? scale : 0) in the compute dtype; the result keeps x's dtype and memory format."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     scale = torch.tensor(1.0 / (1.0 - p) if p < 1.0 else 0.0, dtype=acc, device=x.device)  # rounded once
     factor = torch.where(dropout_keep(seed, x.shape, p, x.device), scale, torch.zeros((), dtype=acc, device=x.device))
     out = torch.empty_like(x)  # x's memory format where x is dense (as torch's dropout)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn.common import dense_format, pooled_size
+from fusedcnn.common import accumulation_dtype, dense_format, pooled_size
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]
 
@@ -97,7 +97,7 @@ def avg_pool2d(x: Tensor, kernel, stride, pad, ceil_mode: bool = False, count_in
     H, W = x.shape[-2:]
     oh = pooled_size(H, kernel[0], stride[0], pad[0], 1, ceil_mode)
     ow = pooled_size(W, kernel[1], stride[1], pad[1], 1, ceil_mode)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     total = _windows(x.to(acc), kernel, stride, pad, (1, 1), (oh, ow), 0.0).sum(-1)
     if divisor_override is not None:
         div = torch.full((oh, ow), float(divisor_override), dtype=acc)
@@ -135,7 +135,7 @@ def _adaptive_windows(x: Tensor, out_hw):
 
 def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
     """x: (N, C, H, W); output_size (OH, OW) ints."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     vals, _, real = _adaptive_windows(x.to(acc), output_size)
     total = torch.where(real, vals, 0.0).sum(-1)
     out = total / real.sum(-1).to(acc)
