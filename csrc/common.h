@@ -10,12 +10,31 @@ namespace fusedcnn {
 // RuntimeError instead of reading or writing out of bounds.
 #define FUSEDCNN_CHECK_DEVICE(t, dev) \
   TORCH_CHECK((t).device().type() == (dev), #t " must be a ", c10::DeviceTypeName(dev), " tensor, got ", (t).device())
-#define FUSEDCNN_CHECK_FLOATING(t) \
-  TORCH_CHECK(at::isFloatingType((t).scalar_type()), #t " must be a floating-point tensor, got ", (t).scalar_type())
+// The floating dtypes the kernels dispatch over: float32, float64, float16, bfloat16 (not the float8 types,
+// which at::isFloatingType also accepts and no kernel implements). A device may accept fewer (its own check).
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+#define FUSEDCNN_CHECK_FLOATING(t)                                                                          \
+  TORCH_CHECK(::fusedcnn::is_kernel_float((t).scalar_type()), #t " must be a floating-point tensor (float32, " \
+              "float64, float16 or bfloat16), got ", (t).scalar_type())
 #define FUSEDCNN_CHECK_DIM(t, n) \
   TORCH_CHECK((t).dim() == (n), #t " must have ", n, " dimensions, got ", (t).dim())
 #define FUSEDCNN_CHECK_SAME_SHAPE(a, b) \
   TORCH_CHECK((a).sizes() == (b).sizes(), #a " and " #b " must have the same shape, got ", (a).sizes(), " and ", (b).sizes())
+
+// Two tensors of one op on one device (not only one device type: cuda:0 and cuda:1 differ) and of one dtype;
+// the message names the op, both tensors and both devices / dtypes. Called before any CUDAGuard is built.
+inline void check_same_device(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", a_name, " and ", b_name, " must be on the same device, got ",
+              a_name, " on ", a.device(), " and ", b_name, " on ", b.device());
+}
+inline void check_same_dtype(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                             const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
+              " must have the same dtype, got ", a_name, " ", a.scalar_type(), " and ", b_name, " ", b.scalar_type());
+}
 
 // FUSEDCNN_POISON=1 (set by the tests) fills every fresh output with NaN, so
 // an element a kernel forgets to write fails the comparison instead of

@@ -45,3 +45,36 @@ def test_relu_opcheck(backend):
 def test_relu_module_matches_torch_api():
     assert repr(fusedcnn.nn.ReLU(inplace=True)) == repr(torch.nn.ReLU(inplace=True))
     assert isinstance(fusedcnn.nn.ReLU(), torch.nn.ReLU)
+
+
+# ---- the compiled ops check what they are handed (device, dtype, shape), with messages naming both tensors
+CPP = pytest.mark.skipif("cpp" not in fusedcnn.available_backends("cpu"), reason="cpp backend not built")
+
+
+@CPP
+def test_cpp_relu_ops_check_dtype_and_shape():
+    relu, relu_bwd = (fusedcnn.ops._registry.op("cpp", n) for n in ("relu", "relu_backward"))
+    y, g = randn(2, 3), randn(2, 3)
+    with pytest.raises(RuntimeError, match="grad_out and out must have the same dtype, got grad_out Double and out Float"):
+        relu_bwd(g.double(), y)
+    with pytest.raises(RuntimeError, match="grad_out and out must have the same shape"):
+        relu_bwd(randn(3, 2), y)
+    with pytest.raises(RuntimeError, match="out must be a floating-point tensor"):
+        relu_bwd(g.long(), y.long())
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor .*float32.*got Float8_e4m3fn"):
+        relu(y.to(torch.float8_e4m3fn))
+
+
+@pytest.mark.cuda
+def test_cpp_relu_backward_rejects_mixed_devices():
+    if "cpp" not in fusedcnn.available_backends("cuda"):
+        pytest.skip("cpp built without CUDA")
+    relu_bwd = fusedcnn.ops._registry.op("cpp", "relu_backward")
+    y, g = randn(2, 3), randn(2, 3)
+    with pytest.raises(RuntimeError, match="grad_out and out must be on the same device, got grad_out on cpu and out on cuda:0"):
+        relu_bwd(g, y.cuda())
+    with pytest.raises(RuntimeError, match="grad_out and out must be on the same device, got grad_out on cuda:0 and out on cpu"):
+        relu_bwd(g.cuda(), y)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="got grad_out on cuda:1 and out on cuda:0"):
+            relu_bwd(g.cuda(1), y.cuda(0))

@@ -449,3 +449,36 @@ def test_cuda_matches_torch(backend, dtype, channels_last, shape):
     assert_all_close(got, want, dtype, scale=2.0 if dtype != torch.float32 else 10.0)
     assert_close(ours.running_var.double(), theirs[0].running_var.double(), torch.float32, scale=10.0)
 
+
+
+# ---- the compiled ops check devices and dtypes (CUDA: before the CUDAGuard is built from x's device)
+@pytest.mark.skipif("cpp" not in fusedcnn.available_backends("cpu"), reason="cpp backend not built")
+def test_cpp_ops_check_grad_dtype_and_float8():
+    x, mean, invstd = randn(*SHAPE), randn(3), torch.rand(3) + 0.5
+    with pytest.raises(RuntimeError, match="grad_out must have x's dtype"):
+        op("cpp", "batch_norm_backward_reduce")(randn(*SHAPE).double(), x, mean, invstd, None, None, False)
+    with pytest.raises(RuntimeError, match="grad_out and x must have the same shape"):
+        op("cpp", "batch_norm_backward_elemt")(randn(2, 3, 5, 6), x, mean, invstd, None, None, None, None, 1.0, False)
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor .*got Float8_e5m2"):
+        op("cpp", "batch_norm_stats")(x.to(torch.float8_e5m2))
+
+
+@pytest.mark.cuda
+def test_cpp_ops_reject_cpu_x_and_mixed_devices_on_cuda():
+    if "cpp" not in fusedcnn.available_backends("cuda"):
+        pytest.skip("cpp built without CUDA")
+    x, mean, invstd = randn(*SHAPE), randn(3), torch.rand(3) + 0.5
+    # A CUDA mean/invstd sends the call to the CUDA kernel with a CPU x: a clear error, not a CUDAGuard failure.
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor, got cpu"):
+        op("cpp", "batch_norm_apply")(x, mean.cuda(), invstd.cuda(), None, None, False)
+    with pytest.raises(RuntimeError, match="mean must be on cuda:0, got cpu"):
+        op("cpp", "batch_norm_apply")(x.cuda(), mean, invstd.cuda(), None, None, False)
+    with pytest.raises(RuntimeError, match="grad_out and x must be on the same device, got grad_out on cpu and x on cuda:0"):
+        op("cpp", "batch_norm_backward_reduce")(randn(*SHAPE), x.cuda(), mean.cuda(), invstd.cuda(), None, None, False)
+    with pytest.raises(RuntimeError, match="grad_out and x must be on the same device, got grad_out on cuda:0 and x on cpu"):
+        op("cpp", "batch_norm_backward_elemt")(randn(*SHAPE).cuda(), x, mean.cuda(), invstd.cuda(), None, None, None,
+                                               None, 1.0, False)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="got grad_out on cuda:1 and x on cuda:0"):
+            op("cpp", "batch_norm_backward_reduce")(randn(*SHAPE).cuda(1), x.cuda(0), mean.cuda(0), invstd.cuda(0),
+                                                    None, None, False)

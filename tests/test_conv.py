@@ -364,3 +364,106 @@ def test_conv_cuda_opcheck():
         x, w = x.detach().cuda().requires_grad_(), w.detach().cuda().requires_grad_()
         b = None if b is None else b.detach().cuda().requires_grad_()
         torch.library.opcheck(op("cpp", "conv2d"), (x, w, b, stride, padding, dilation, groups, "auto"))
+
+
+# ---- grouped conv: the groups run as ONE batched GEMM per chunk and direction (csrc/conv/conv.h gemm_out)
+def _cpp_or_skip():
+    if fusedcnn.backends.unavailable_reason("cpp", "cpu"):
+        pytest.skip("cpp backend not built")
+
+
+# (C, K, groups, (kH, kW), conv2d keywords): groups 2 and 4, depthwise (groups = C) with multiplier 1 and 2,
+# strided and dilated, a 1x1 grouped (pointwise group) conv.
+GROUPED = {
+    "g2_k3_p1": (8, 6, 2, (3, 3), dict(padding=1)),
+    "g4_k3x2_s2_p1": (8, 12, 4, (3, 2), dict(stride=2, padding=(1, 0))),
+    "depthwise_k3_p1": (8, 8, 8, (3, 3), dict(padding=1)),
+    "depthwise_x2_k3_d2_p2": (8, 16, 8, (3, 3), dict(padding=2, dilation=2)),
+    "g4_k1": (8, 8, 4, (1, 1), {}),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GROUPED)
+def test_cpp_grouped_conv_batched(case, dtype, channels_last):
+    _cpp_or_skip()
+    C, K, groups, (kh, kw_), kw = GROUPED[case]
+    x = randn(3, C, 7, 6, dtype=dtype, channels_last=channels_last)
+    w, b = randn(K, C // groups, kh, kw_, dtype=dtype), randn(K, dtype=dtype)
+    y, _ = check_against_oracles("cpp", x, w, b, groups=groups, **kw)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    check_against_oracles("cpp", x, w, None, groups=groups, **kw)  # no bias: bmm instead of baddbmm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("groups", [2, 4, 8])
+def test_cpp_grouped_conv_chunks(monkeypatch, groups, dtype):
+    """Several batch chunks: the batched wgrad accumulates across chunks (bfloat16: in float32, gemm + add_)."""
+    _cpp_or_skip()
+    x, w, b = randn(5, 8, 6, 5, dtype=dtype), randn(8, 8 // groups, 3, 3, dtype=dtype), randn(8, dtype=dtype)
+    per_image = 8 * 3 * 3 * 6 * 5 * x.element_size()  # C*kH*kW * L * element size, padding=1 keeps 6x5
+    for images in (2, 1):
+        monkeypatch.setenv("FUSEDCNN_CONV_COL_BYTES", str(images * per_image))
+        check_against_oracles("cpp", x, w, b, padding=1, groups=groups)
+
+
+def test_cpp_grouped_gradcheck_float64():
+    _cpp_or_skip()
+    x = randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = randn(8, 1, 3, 3, dtype=torch.float64, requires_grad=True)  # depthwise, multiplier 2
+    b = randn(8, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: conv2d(x, w, b, padding=1, groups=4, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+
+
+def test_cpp_conv_ops_check_dtypes_and_devices_on_cpu():
+    """The op itself (not only the Python wrapper) rejects mismatched dtypes with a message naming both."""
+    _cpp_or_skip()
+    x, w, g = randn(1, 4, 5, 5), randn(4, 2, 3, 3), randn(1, 4, 3, 3)
+    fwd, bwd = op("cpp", "conv2d"), op("cpp", "conv2d_backward")
+    with pytest.raises(RuntimeError, match="x and weight must have the same dtype, got x Float and weight Double"):
+        fwd(x, w.double(), None, [1, 1], [0, 0], [1, 1], 2, "auto")
+    with pytest.raises(RuntimeError, match="bias and x must have the same dtype"):
+        fwd(x, w, randn(4).double(), [1, 1], [0, 0], [1, 1], 2, "auto")
+    with pytest.raises(RuntimeError, match="grad_out and x must have the same dtype"):
+        bwd(g.double(), x, w, [1, 1], [0, 0], [1, 1], 2, [True] * 3, "auto")
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        bwd(randn(1, 4, 3), x, w, [1, 1], [0, 0], [1, 1], 2, [True] * 3, "auto")
+
+
+@pytest.mark.cuda
+def test_cpp_conv_ops_reject_mixed_devices():
+    """Every tensor on x's device, checked before the CUDA guard; the message names both devices."""
+    if fusedcnn.backends.unavailable_reason("cpp", "cuda"):
+        pytest.skip("cpp built without CUDA")
+    x, w, b, g = randn(1, 4, 5, 5), randn(4, 2, 3, 3), randn(4), randn(1, 4, 3, 3)
+    fwd, bwd = op("cpp", "conv2d"), op("cpp", "conv2d_backward")
+    geo = ([1, 1], [0, 0], [1, 1], 2)
+    with pytest.raises(RuntimeError, match=r"weight and x must be on the same device, got weight on cuda:0 and x on cpu"):
+        fwd(x, w.cuda(), None, *geo, "auto")
+    with pytest.raises(RuntimeError, match=r"bias and x must be on the same device, got bias on cpu and x on cuda:0"):
+        fwd(x.cuda(), w.cuda(), b, *geo, "auto")
+    with pytest.raises(RuntimeError, match=r"grad_out and x must be on the same device"):
+        bwd(g.cuda(), x, w, *geo, [True] * 3, "auto")
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match=r"weight and x must be on the same device, got weight on cuda:1 and x on cuda:0"):
+            fwd(x.cuda(0), w.cuda(1), None, *geo, "auto")
+        with pytest.raises(RuntimeError, match=r"grad_out and x must be on the same device"):
+            bwd(g.cuda(1), x.cuda(0), w.cuda(0), *geo, [True] * 3, "auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("groups", [2, 4, 16])
+def test_conv_cuda_grouped_batched(groups):
+    if fusedcnn.backends.unavailable_reason("cpp", "cuda"):
+        pytest.skip("cpp built without CUDA")
+    for dtype in (torch.float32, torch.float64):
+        x = randn(4, 16, 13, 11, dtype=dtype).cuda()
+        w, b = randn(32, 16 // groups, 3, 3, dtype=dtype).cuda(), randn(32, dtype=dtype).cuda()
+        y, grads, g = run("cpp", x, w, b, padding=1, groups=groups)
+        y64, grads64, _ = run("torch", x.double(), w.double(), b.double(), grad=g.double(), padding=1, groups=groups)
+        close(y, y64, dtype, "cpp cuda grouped output")
+        for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads64):
+            close(got, want, dtype, f"cpp cuda grouped {name}")

@@ -394,3 +394,43 @@ def test_conv_bn_relu_bad_input(change, exc, match):
     with pytest.raises(exc, match=match):
         tconv.conv_bn_relu(kw["x"], kw["weight"], kw["bias"], kw["in_scale"], kw["in_shift"], [1, 1], [1, 1],
                            [1, 1], kw["groups"], True)
+
+
+# ---------------------------------------------------------------------------------------------- launch review
+def test_conv_non_contiguous_bias():
+    """The kernel reads bias[g*C_out/groups + n] densely: a strided bias view is made contiguous first."""
+    x, w = randn(2, 4, 6, 6), randn(3, 4, 3, 3)
+    b = randn(6)[::2]
+    assert not b.is_contiguous()
+    y = tconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1, "auto")
+    assert_close(y, F.conv2d(x.double(), w.double(), b.double(), padding=1), torch.float32)
+
+
+def test_conv_nchw_computes_in_nhwc_and_returns_nchw():
+    """NCHW input is converted once to NHWC (the kernels' layout); the results keep x's format."""
+    x, w = randn(2, 5, 7, 6), randn(4, 5, 3, 3)
+    y = tconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, "implicit_gemm")
+    assert y.is_contiguous()
+    go = randn(*y.shape)
+    gx, gw, _ = tconv.conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, False], "implicit_gemm")
+    assert gx.is_contiguous()
+    y_ref, gx_ref, gw_ref, _ = _reference(x, w, None, go, [1, 1], [1, 1], [1, 1], 1)
+    for got, ref in ((y, y_ref), (gx, gx_ref), (gw, gw_ref)):
+        assert_close(got, ref, torch.float32)
+
+
+def test_autotune_keys_are_bucketed():
+    """The autotuners key on a power-of-two bucket of the pixel count, not on N*P*Q itself: a new batch size or
+    resolution in the same bucket reuses the tuned configuration."""
+    for kernel in (tconv._conv_fwd_kernel, tconv._conv_dgrad_kernel, tconv._conv_wgrad_kernel,
+                   tconv._dgrad_col_gemm_kernel):
+        assert "M_BUCKET" in kernel.keys and "M" not in kernel.keys and "k_chunk" not in kernel.keys
+    from fusedcnn.triton_kernels._common import autotune_bucket
+    assert autotune_bucket(31 * 56 * 56) == autotune_bucket(32 * 56 * 56) == 2**17
+    assert autotune_bucket(8 * 56 * 56) != autotune_bucket(32 * 56 * 56)
+
+
+def test_conv_device_mismatch_is_a_clear_error():
+    x, w = randn(1, 2, 4, 4), torch.empty(3, 2, 3, 3, device="meta")
+    with pytest.raises(RuntimeError, match="same device"):
+        tconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, "auto")

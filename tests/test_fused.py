@@ -716,3 +716,76 @@ def test_cuda_linear_relu_dropout_vgg_classifier():
     frac = kept.float().mean().item()
     assert 0.45 < frac < 0.55
     torch.testing.assert_close(y[kept].float(), ref[kept], rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------- launch review
+# Guards every Triton launcher has since the compile check and launch review of the kernels: one device guard,
+# grid and int32 limits with clear errors, dense bias reads, one TF32 policy, tiles that fit shared memory.
+@needs_triton
+def test_launchers_reject_mixed_devices():
+    from fusedcnn.triton_kernels import _common, fused
+    y = randn(2, 3, 4, 4)
+    meta = torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="same device"):
+        fused.bn_relu_apply(y, meta, meta)
+    with pytest.raises(RuntimeError, match="same device"):
+        _common.device_guard(y, None, meta)
+    with _common.device_guard(y, None, y):   # CPU under the interpreter: a no-op context
+        pass
+
+
+@needs_triton
+def test_bn_relu_int32_pixel_guard():
+    """N*H*W >= 2**31 pixels: a clear error before any allocation (the kernels' pixel index is int32)."""
+    from fusedcnn.triton_kernels import fused
+    y = torch.zeros(1, 1, 1, 1).expand(2**15, 1, 2**8, 2**8)     # 2**31 pixels, no memory behind them
+    s = torch.ones(1)
+    for launch in (fused.bn_relu_apply, fused.bn_relu_maxpool2d):
+        with pytest.raises(RuntimeError, match="int32 index range"):
+            launch(y, s, s)
+
+
+@needs_triton
+def test_grid_guards():
+    from fusedcnn.triton_kernels import _common, batchnorm
+    _common.check_grid((2**31 - 1, 65535, 65535), "ok")
+    for grid in ((2**31, 1), (1, 65536), (1, 1, 65536)):
+        with pytest.raises(RuntimeError, match="exceeds CUDA's limits"):
+            _common.check_grid(grid, "test")
+    x = torch.zeros(1, 1, 1, 1).expand(1, 65536, 1, 1).contiguous()   # NCHW: one grid column per channel
+    with pytest.raises(RuntimeError, match="at most 65535 channels"):
+        batchnorm.batch_norm_stats(x)
+
+
+@needs_triton
+def test_linear_non_contiguous_bias_and_tf32_policy():
+    from fusedcnn.triton_kernels import fused
+    x, w = randn(5, 7), randn(6, 7)
+    b = randn(12)[::2]
+    out = fused.linear_relu_dropout(x, w, b, 0.0, 1)
+    assert_ref = torch.relu(x.double() @ w.double().t() + b.double())
+    check(out, assert_ref)
+    saved = torch.backends.cuda.matmul.allow_tf32   # a property of torch's backend module: set and restored
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert fused._linear_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert fused._linear_precision(torch.float32) == "tf32"
+        assert fused._linear_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_triton
+@pytest.mark.parametrize("limit, cc", [(166_912, 8), (232_448, 9)], ids=["sm_80", "sm_90"])
+def test_linear_tiles_fit_shared_memory(monkeypatch, limit, cc):
+    """The Linear GEMMs' tiles (VGG's 25088 -> 4096 classifier) fit each GPU's shared memory per dtype, forward
+    and backward (before: BLOCK_K 64 x 4 stages for every dtype, 262,144 B for fp32 on sm_90)."""
+    from fusedcnn.triton_kernels import conv, fused
+    monkeypatch.setattr(fused, "INTERPRET", False)
+    monkeypatch.setattr(conv, "_smem_limit", lambda device: (limit, cc))
+    for elem in (4, 2):
+        for a_grad in (False, True):
+            cfg = fused._linear_tiles(4096, elem, a_grad, torch.device("cpu"))
+            assert cfg.num_stages >= 3
+            assert conv.smem_bytes(cfg, elem, cc, y_tile=a_grad, staged_a=a_grad, scratch=True) <= limit

@@ -307,3 +307,44 @@ def test_cuda_vgg_shapes(backend, dtype, channels_last):
     _compare(_avg_layer(dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)), x, backend, dtype)
     _compare(lambda ns, extra: ns.AdaptiveAvgPool2d(7, **extra), x, backend, dtype)
     _compare(lambda ns, extra: ns.AdaptiveMaxPool2d(1, return_indices=True, **extra), x, backend, dtype)
+
+
+# ---- the compiled backward ops check that their tensors share a device and a dtype
+CPP = pytest.mark.skipif("cpp" not in fusedcnn.available_backends("cpu"), reason="cpp backend not built")
+
+
+@CPP
+def test_cpp_pool_backward_ops_check_dtype_and_shape():
+    x = randn(1, 2, 4, 6)
+    with pytest.raises(RuntimeError, match="grad_out and x must have the same dtype, got grad_out Double and x Float"):
+        op("cpp", "max_pool2d_backward")(randn(1, 2, 2, 3).double(), x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    out, idx = op("cpp", "adaptive_max_pool2d")(x, [2, 3])
+    bwd = op("cpp", "adaptive_max_pool2d_backward")
+    with pytest.raises(RuntimeError, match="indices must be int64"):
+        bwd(torch.ones_like(out), idx.int(), list(x.shape))
+    with pytest.raises(RuntimeError, match="indices must be int64 with grad_out's shape"):
+        bwd(torch.ones_like(out), idx[:, :, :1], list(x.shape))
+    with pytest.raises(RuntimeError, match="grad_out must be a floating-point tensor"):
+        bwd(torch.ones_like(out).long(), idx, list(x.shape))
+    torch.testing.assert_close(bwd(torch.ones_like(out), idx, list(x.shape)),
+                               torch.ops.aten.adaptive_max_pool2d_backward(torch.ones_like(out), x, idx))
+
+
+@pytest.mark.cuda
+def test_cpp_pool_backward_ops_reject_mixed_devices():
+    if "cpp" not in fusedcnn.available_backends("cuda"):
+        pytest.skip("cpp built without CUDA")
+    x, g = randn(1, 2, 4, 6), randn(1, 2, 2, 3)
+    geo = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="grad_out and x must be on the same device, got grad_out on cpu and x on cuda:0"):
+        op("cpp", "max_pool2d_backward")(g, x.cuda(), *geo)
+    with pytest.raises(RuntimeError, match="grad_out and x must be on the same device, got grad_out on cuda:0 and x on cpu"):
+        op("cpp", "max_pool2d_backward")(g.cuda(), x, *geo)
+    _, idx = op("cpp", "adaptive_max_pool2d")(x.cuda(), [2, 3])
+    with pytest.raises(RuntimeError, match="grad_out and indices must be on the same device, got grad_out on cpu and indices on cuda:0"):
+        op("cpp", "adaptive_max_pool2d_backward")(g, idx, list(x.shape))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="got grad_out on cuda:1 and x on cuda:0"):
+            op("cpp", "max_pool2d_backward")(g.cuda(1), x.cuda(0), *geo)
+        with pytest.raises(RuntimeError, match="got grad_out on cuda:1 and indices on cuda:0"):
+            op("cpp", "adaptive_max_pool2d_backward")(g.cuda(1), idx, list(x.shape))

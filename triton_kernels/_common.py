@@ -46,6 +46,13 @@ def check_vector(v: torch.Tensor, name: str, n: int) -> None:
         raise ValueError(f"{name} must be a contiguous float32 vector of {n} elements, got shape {tuple(v.shape)}")
 
 
+# Set only by fusedcnn.compile_check, which calls the launchers on meta tensors and records their launches
+# (the kernels never run): the device checks then accept the meta device.
+TRACE_META = False
+INT32_MAX = 2**31 - 1
+GRID_YZ_MAX = 65535     # CUDA's limit on grid axes 1 and 2 (axis 0: 2**31 - 1)
+
+
 def check_device(*tensors) -> None:
     """All tensors (None entries skipped) on one device, and one the kernels can run on: CUDA, or the CPU
     under the interpreter."""
@@ -54,6 +61,8 @@ def check_device(*tensors) -> None:
     for t in tensors[1:]:
         if t.device != dev:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found {dev} and {t.device}")
+    if dev.type == "meta" and TRACE_META:
+        return
     if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
         raise RuntimeError(f"the triton kernels need CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
                            f"got a tensor on {dev}")
@@ -67,9 +76,34 @@ class NullContext:
         return False
 
 
-def device_guard(t: torch.Tensor):
-    """Launch on t's GPU (not the current one) — a no-op for CPU tensors."""
+def device_guard(*tensors):
+    """The one launch guard of every Triton launcher: checks that the tensors (None skipped) share one usable
+    device (check_device) and returns a context that makes the first tensor's GPU current, so the kernels run on
+    that GPU and its current stream even when another GPU is current (a no-op context for CPU tensors)."""
+    check_device(*tensors)
+    t = next(t for t in tensors if t is not None)
     return torch.cuda.device(t.device) if t.is_cuda else NullContext()
+
+
+def check_grid(grid, what: str) -> None:
+    """Raise a clear error for a launch grid CUDA cannot run: axis 0 up to 2**31 - 1 programs, axes 1 and 2 up
+    to 65535."""
+    if grid[0] > INT32_MAX or any(g > GRID_YZ_MAX for g in grid[1:]):
+        raise RuntimeError(f"{what}: launch grid {tuple(grid)} exceeds CUDA's limits (axis 0 < 2**31, axes 1 and 2 "
+                           f"<= {GRID_YZ_MAX})")
+
+
+def check_int32_index(count: int, what: str) -> None:
+    """Kernels whose index math is int32 need count (pixels, rows, elements) below 2**31."""
+    if count > INT32_MAX:
+        raise RuntimeError(f"{what}: {count} exceeds the kernels' int32 index range (must be below 2**31)")
+
+
+def autotune_bucket(n: int) -> int:
+    """The autotuners' key for a GEMM's pixel count M (N*P*Q): the next power of two, at least 16 and at most
+    2**30, so a new batch size or resolution in the same bucket reuses the tuned configuration instead of
+    benchmarking every configuration again (always a multiple of 16 below 2**31: one specialisation)."""
+    return min(max(16, triton.next_power_of_2(max(int(n), 1))), 2**30)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, dense_format, new_output
+from ._common import check_grid, check_tensor, dense_format, device_guard, new_output
 
 BLOCK = 1024
 
@@ -37,7 +37,9 @@ def relu(x: torch.Tensor) -> torch.Tensor:
     y = new_output(x.shape, x, memory_format=fmt)
     n = x.numel()
     if n:
-        _relu_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, BLOCK=BLOCK)
+        check_grid((triton.cdiv(n, BLOCK),), "relu")
+        with device_guard(x):
+            _relu_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, BLOCK=BLOCK)
     return y
 
 
@@ -52,5 +54,7 @@ def relu_backward(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     dx = new_output(out.shape, out, memory_format=fmt)
     n = out.numel()
     if n:
-        _relu_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad_out, out, dx, n, BLOCK=BLOCK)
+        check_grid((triton.cdiv(n, BLOCK),), "relu_backward")
+        with device_guard(out, grad_out):
+            _relu_bwd_kernel[(triton.cdiv(n, BLOCK),)](grad_out, out, dx, n, BLOCK=BLOCK)
     return dx

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, is_channels_last, new_output
+from ._common import GRID_YZ_MAX, check_tensor, device_guard, is_channels_last, new_output
 
 TARGET_PROGRAMS = 2048  # per launch on a GPU (~16 per SM on an H100): enough to saturate memory bandwidth
 NCHW_BLOCK_R = 2048     # values of one channel per tile (NCHW)
@@ -264,6 +264,9 @@ class _Walk:
             self.CHUNK, self.PG = per_prog * self.BLOCK_R, 1
         self.n_rchunks = triton.cdiv(max(self.R, 1), self.CHUNK)
         self.Q = triton.cdiv(max(self.P, 1), self.PG) * self.n_rchunks
+        if c_blocks > GRID_YZ_MAX:   # grid axis 1: one program column per channel (NCHW) or 64 channels (NHWC)
+            raise RuntimeError(f"the triton batch_norm kernels support at most {GRID_YZ_MAX * self.BLOCK_C} "
+                               f"channels in this layout, got {c}")
         self.grid = (self.Q, c_blocks)
 
     def args(self):
@@ -325,12 +328,14 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     walk = _Walk(x)
     pmean = torch.empty((walk.Q, c), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
-    _bn_stats_kernel[walk.grid](x, pmean, pm2, *walk.args(), **walk.meta())
     mean = torch.empty(c, device=x.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     block_c = min(64, triton.next_power_of_2(c))
-    _bn_combine_kernel[(triton.cdiv(c, block_c),)](pmean, pm2, mean, var, walk.Q, c, walk.P, walk.R, walk.PG,
-                                                   walk.CHUNK, walk.n_rchunks, BLOCK_Q=COMBINE_BLOCK_Q, BLOCK_C=block_c)
+    with device_guard(x):
+        _bn_stats_kernel[walk.grid](x, pmean, pm2, *walk.args(), **walk.meta())
+        _bn_combine_kernel[(triton.cdiv(c, block_c),)](pmean, pm2, mean, var, walk.Q, c, walk.P, walk.R, walk.PG,
+                                                       walk.CHUNK, walk.n_rchunks, BLOCK_Q=COMBINE_BLOCK_Q,
+                                                       BLOCK_C=block_c)
     return mean, var
 
 
@@ -341,7 +346,8 @@ def batch_norm_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
     y = _like_x(x)
     if x.numel():
         walk = _Walk(x)
-        _bn_apply_kernel[walk.grid](x, y, mean, a, b, *walk.args(), RELU=relu, **walk.meta())
+        with device_guard(x, mean, a, b):
+            _bn_apply_kernel[walk.grid](x, y, mean, a, b, *walk.args(), RELU=relu, **walk.meta())
     return y
 
 
@@ -356,7 +362,9 @@ def batch_norm_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bo
     walk = _Walk(x)
     psdy = torch.empty((walk.Q, c), device=x.device, dtype=torch.float32)
     psdyx = torch.empty_like(psdy)
-    _bn_backward_reduce_kernel[walk.grid](g, x, mean, a, b, psdy, psdyx, *walk.args(), RELU=relu, **walk.meta())
+    with device_guard(x, g, mean, a, b):
+        _bn_backward_reduce_kernel[walk.grid](g, x, mean, a, b, psdy, psdyx, *walk.args(), RELU=relu,
+                                              **walk.meta())
     return psdy.sum(0), psdyx.sum(0)
 
 
@@ -381,6 +389,7 @@ def batch_norm_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, s
     dx = _like_x(x)
     if x.numel():
         walk = _Walk(x)
-        _bn_backward_elemt_kernel[walk.grid](g, x, dx, mean, a, b, k1.contiguous(), k2.contiguous(), k3.contiguous(),
-                                             *walk.args(), RELU=relu, **walk.meta())
+        with device_guard(x, g, mean, a, b):
+            _bn_backward_elemt_kernel[walk.grid](g, x, dx, mean, a, b, k1.contiguous(), k2.contiguous(),
+                                                 k3.contiguous(), *walk.args(), RELU=relu, **walk.meta())
     return dx

@@ -2,8 +2,10 @@
 fused Conv2d + BatchNorm statistics / BatchNorm+ReLU prologue that the same implicit-GEMM kernels run when their
 constexpr hooks are on.
 
-Tensors (any strides: x and grad_out, NCHW or channels_last, are read in place, never copied; the small
-weight is handed to the kernels channels_last, a no-op when it already is, see _kernel_weight):
+Tensors (NCHW or channels_last, any strides). The kernels compute in NHWC: an operand that is not channels_last
+(x, grad_out, conv_bn_relu's y) is converted once by the launcher (_nhwc) and the result converted back to x's
+format, rather than gathered through NCHW strides in every tile (those gathers spilled registers); the small
+weight is handed to the kernels channels_last, a no-op when it already is, see _kernel_weight:
     x:        (N, C_in, H, W)                float32|float16|bfloat16
     weight:   (C_out, C_in/groups, KH, KW)   same dtype
     bias:     (C_out,) or None               same dtype (conv2d) | float32 (conv_bn_relu)
@@ -36,11 +38,11 @@ Implicit-GEMM K loops come in two modes (constexpr MODE):
     MODE 2 "col":   the operand is read from the explicit im2col buffer (algo="im2col").
 Pixel counts (N*P*Q, N*H*W) must stay below 2**31; every memory offset is int64.
 
-Fusion hooks (constexpr, in the manner of the Triton matmul tutorial's ACTIVATION; all False for conv2d, whose
-kernels then compile to the instructions, registers and shared memory they had without hooks — checked by
-scripts/compile_check.py). They serve conv_bn_relu, where a conv writes only its raw output y = conv(a) + bias
-and the BatchNorm + ReLU of the layer, relu(y*scale + shift), is applied by the NEXT conv while it loads y
-(cuDNN's runtime fusion "scale-bias-ReLU prologue, statistics epilogue"):
+Fusion hooks (constexpr, like a GEMM's fused activation epilogue; all False for conv2d, whose kernels then
+compile to the instructions, registers and shared memory they had without hooks — checked when the hooks were
+merged, benchmarks/NOTES.md). They serve conv_bn_relu, where a conv writes only its raw output
+y = conv(a) + bias and the BatchNorm + ReLU of the layer, relu(y*scale + shift), is applied by the NEXT conv
+while it loads y (cuDNN's runtime fusion "scale-bias-ReLU prologue, statistics epilogue"):
     PROLOGUE     forward, wgrad: the x operand is a = relu(x*S[c] + T[c]) (S, T float32 per input channel);
                  padding taps stay 0 (zero padding applies to a, as in conv(relu(bn(y))));
                  dgrad: its backward in the epilogue, dL/dx = dL/da * [x*S+T > 0] * S, plus per-tile partial
@@ -65,8 +67,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, bn_relu, check_device, check_tensor, check_vector, dense_format, device_guard,
-                      is_channels_last, mma, new_output, pixel_offsets, relu_passes, split_pixels, tile_ids)
+from ._common import (INTERPRET, autotune_bucket, bn_relu, check_device, check_tensor, check_vector, dense_format,
+                      device_guard, is_channels_last, mma, new_output, pixel_offsets, relu_passes, split_pixels,
+                      tile_ids)
 
 ALGOS = ("auto", "implicit_gemm", "im2col")
 MODE_TILED, MODE_FLAT, MODE_COL = 0, 1, 2
@@ -114,7 +117,7 @@ def smem_bytes(config: triton.Config, elem_size: int, cc_major: int, *, y_tile: 
     one buffer for an operand tile transformed in registers before the dot (staged_a / staged_b: the PROLOGUE),
     and 2 KB for the epilogue's cross-warp reductions (scratch). Fitted to, and never below, what Triton 3.8
     allocates for every config of the three kernels, hooks off and on, fp32 and bf16, sm_80 and sm_90
-    (scripts/compile_check.py prints both)."""
+    (`fusedcnn compile-check` reports the real figure per compile)."""
     kw = config.kwargs
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     dot_stages = config.num_stages if cc_major >= 9 else config.num_stages - 1
@@ -160,10 +163,26 @@ def _prune(kernel: str, m_arg: str | None, n_arg: str | None, ptr_arg: str):
         t = named_args[ptr_arg]
         limit, cc_major = _smem_limit(t.device)
         flags = hook_smem_flags(kernel, kwargs)
-        fits = [c for c in configs if smem_bytes(c, t.element_size(), cc_major, **flags) <= limit] or configs
+        mode = kwargs.get("MODE", MODE_TILED)
+        fits = [c for c in configs if smem_bytes(c, t.element_size(), cc_major, **flags) <= limit
+                and _registers_fit(kernel, c, t.element_size(), mode, named_args)] or configs
         kept = [c for c in fits if c.kwargs["BLOCK_N"] <= n and (m is None or c.kwargs["BLOCK_M"] <= m)]
         return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
+
+
+def _registers_fit(kernel: str, config: triton.Config, elem_size: int, mode: int, named_args) -> bool:
+    """Configs the compile check (`fusedcnn compile-check`) found spilling registers are not launched:
+    float32 operand tiles of BLOCK_K 64 (twice a 16-bit tile's registers: the Hopper configs spill at 255
+    registers, TF32 or not), and in the forward's "flat" K loop (MODE 1: (kh, kw, c) decoded per element of the
+    [BLOCK_M, BLOCK_K] tile) BLOCK_K beyond the reduction it has (Kg = 27 for VGG's first layer: one 32-wide
+    step) and BLOCK_M over 64 (128 x 64 x 32 spilled 180-624 B)."""
+    bk = config.kwargs["BLOCK_K"]
+    if elem_size >= 4 and bk > 32:
+        return False
+    if kernel == "fwd" and mode == MODE_FLAT:
+        return bk <= max(16, triton.next_power_of_2(int(named_args["Kg"]))) and config.kwargs["BLOCK_M"] <= 64
+    return True
 
 
 def _even(dim: str, block: str):
@@ -224,13 +243,13 @@ def _normalize_backward(acc, X_ptr, x_offs, S_ptr, T_ptr, PDS_ptr, PDT_ptr, ch, 
 #           ih = p*sh - ph + kh*dh, iw = q*sw - pw + kw*dw (zero outside the image); A = X, or relu(X*S + T).
 # GEMM rows = output pixels (n, p, q), columns = output channels of group g (grid axis 1), K = (kh, kw, c).
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "MODE", "PROLOGUE", "STATS"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "Cout_g", "Cg", "KH", "KW", "MODE", "PROLOGUE", "STATS"],
                  prune_configs_by={"early_config_prune": _prune("fwd", None, "Cout_g", "X_ptr")})
 @triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_K")})
 @triton.jit
 def _conv_fwd_kernel(
     X_ptr, W_ptr, B_ptr, COL_ptr, Y_ptr, S_ptr, T_ptr, PSUM_ptr, PM2_ptr,
-    M, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot,
+    M, M_BUCKET, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot,
     s_xn, s_xc, s_xh, s_xw,
     s_wo, s_wc, s_wh, s_ww,
     s_yn, s_yc, s_yh, s_yw,
@@ -340,13 +359,13 @@ def _fwd_gather_loop(acc, X_ptr, W_ptr, COL_ptr, S_ptr, T_ptr, x_row, w_col, ih0
 # GEMM rows = input pixels (n, h, w), columns = input channels of group g, K = (kh, kw, co).
 # With stride 1 every tap is live; with stride s only ~1/s^2 of them are (the rest load as zeros).
 # ----------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Cg", "KH", "KW", "GRAD_AFFINE", "PROLOGUE"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "Cout_g", "Cg", "KH", "KW", "GRAD_AFFINE", "PROLOGUE"],
                  prune_configs_by={"early_config_prune": _prune("dgrad", None, "Cg", "G_ptr")})
 @triton.heuristics({"EVEN_CO": _even("Cout_g", "BLOCK_K")})
 @triton.jit
 def _conv_dgrad_kernel(
     G_ptr, W_ptr, DX_ptr, Y_ptr, GA_ptr, GB_ptr, X_ptr, S_ptr, T_ptr, PDS_ptr, PDT_ptr,
-    M, H, W, P, Q, Cg, Cout_g, KH, KW,
+    M, M_BUCKET, H, W, P, Q, Cg, Cout_g, KH, KW,
     s_gn, s_gc, s_gh, s_gw,
     s_wo, s_wc, s_wh, s_ww,
     s_dn, s_dc, s_dh, s_dw,
@@ -450,14 +469,14 @@ def _wgrad_columns(pid_n, rn, Cg, KW, Kg, c_tiles, MODE: tl.constexpr, BLOCK_N: 
     return kh, kw, c, c_ld, j_ld, col_ok
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["Cout_g", "Cg", "KH", "KW", "k_chunk", "MODE", "GRAD_AFFINE",
+@triton.autotune(configs=_GEMM_CONFIGS, key=["Cout_g", "Cg", "KH", "KW", "M_BUCKET", "MODE", "GRAD_AFFINE",
                                              "PROLOGUE", "DBIAS"],
                  prune_configs_by={"early_config_prune": _prune("wgrad", "Cout_g", None, "G_ptr")})
 @triton.heuristics({"EVEN_C": _even("Cg", "BLOCK_N"), "EVEN_CO": _even("Cout_g", "BLOCK_M")})
 @triton.jit
 def _conv_wgrad_kernel(
     G_ptr, X_ptr, COL_ptr, WS_ptr, Y_ptr, GA_ptr, GB_ptr, S_ptr, T_ptr, DB_ptr,
-    M, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot, k_chunk,
+    M, M_BUCKET, H, W, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot, k_chunk,
     s_gn, s_gc, s_gh, s_gw,
     s_xn, s_xc, s_xh, s_xw,
     s_yn, s_yc, s_yh, s_yw,
@@ -614,13 +633,13 @@ def _im2col_kernel(X_ptr, COL_ptr, M, H, W, P, Q, Cg, KH, KW, Kg, Ktot,
 
 # dgrad, im2col flavour, step 1: DCOL[(n, p, q), g*Kg + j] = sum_co DY[n, g*Cout_g + co, p, q] * W[g*Cout_g + co, j]
 # with j = (kh, kw, c) decoded per column. GEMM rows = output pixels, columns = Kg, K = Cout_g.
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "Cout_g", "Kg"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "Cout_g", "Kg"],
                  prune_configs_by={"early_config_prune": _prune("dgrad_col", None, "Kg", "G_ptr")})
 @triton.heuristics({"EVEN_CO": _even("Cout_g", "BLOCK_K")})
 @triton.jit
 def _dgrad_col_gemm_kernel(
     G_ptr, W_ptr, COL_ptr,
-    M, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot,
+    M, M_BUCKET, P, Q, Cg, Cout_g, KH, KW, Kg, Ktot,
     s_gn, s_gc, s_gh, s_gw,
     s_wo, s_wc, s_wh, s_ww,
     PREC: tl.constexpr,
@@ -862,6 +881,13 @@ def _kernel_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous(memory_format=torch.channels_last)
 
 
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t (4-D) channels_last: NHWC is the layout the GPU kernels compute in. An NCHW operand is converted once
+    here (one pass over it) instead of being gathered with strided, scalar loads in every tile (the NCHW
+    gathers spilled registers: benchmarks/NOTES.md, compile check); a no-op when t already is NHWC."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _mode(geo: _Geometry, algo: str) -> int:
     if algo == "im2col":
         return MODE_COL
@@ -897,6 +923,7 @@ def _tiles_used(kernel, rows_of: int) -> int:
 def _forward(x, weight, bias, y, geo: _Geometry, mode: int, hooks: _Hooks = _NO_HOOKS, partials=None) -> None:
     """Launch _conv_fwd_kernel into y (non-empty); partials = (psum, pm2) turns the STATS epilogue on."""
     weight = _kernel_weight(weight)
+    bias = bias.contiguous() if bias is not None else None   # the kernel reads bias[g*Cout_g + n] densely
     col = _im2col(x, geo) if mode == MODE_COL else x
     s, t, _, _, _ = hooks.args(weight)
     psum, pm2 = partials if partials is not None else (weight, weight)
@@ -904,8 +931,8 @@ def _forward(x, weight, bias, y, geo: _Geometry, mode: int, hooks: _Hooks = _NO_
                          geo.groups)
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, col, y, s, t, psum, pm2,
-        geo.M_out, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW, geo.Kg,
-        geo.groups * geo.Kg,
+        geo.M_out, autotune_bucket(geo.M_out), geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
+        geo.Kg, geo.groups * geo.Kg,
         *x.stride(), *weight.stride(), *y.stride(), *geo.conv_args,
         HAS_BIAS=bias is not None, MODE=mode, PREC=_precision(x.dtype), PROLOGUE=hooks.prologue,
         STATS=partials is not None)
@@ -919,12 +946,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     x's dtype; bias: (C_out,) x's dtype or None; stride, padding, dilation: [int, int]; algo in ALGOS.
     Returns y: (N, C_out, P, Q) x's dtype, channels_last iff x is."""
     geo = _check_conv(x, weight, bias, stride, padding, dilation, groups, algo)
-    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=dense_format(x))
+    fmt = dense_format(x)
+    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=torch.channels_last)
     if y.numel() == 0:
-        return y
-    with device_guard(x):
-        _forward(x, weight, bias, y, geo, _mode(geo, algo))
-    return y
+        return y.contiguous(memory_format=fmt)
+    with device_guard(x, weight, bias):
+        _forward(_nhwc(x), weight, bias, y, geo, _mode(geo, algo))
+        return y.contiguous(memory_format=fmt)
 
 
 def _combine_stats(psum: torch.Tensor, pm2: torch.Tensor, M: int, block_m: int):
@@ -950,11 +978,16 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     mean and biased variance per channel of y as stored (float32 (C_out,), NaN for an empty batch), else two
     empty float32 tensors."""
     geo = _check_conv_bn_relu(x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups)
-    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=dense_format(x))
+    fmt = dense_format(x)
+    y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=torch.channels_last)
     partials = _partials(geo.M_out, geo.Cout, x) if compute_stats else None
     if y.numel():
-        with device_guard(x):
-            _forward(x, weight, bias, y, geo, _mode(geo, "implicit_gemm"), _Hooks(in_scale, in_shift), partials)
+        with device_guard(x, weight, bias, in_scale, in_shift):
+            _forward(_nhwc(x), weight, bias, y, geo, _mode(geo, "implicit_gemm"), _Hooks(in_scale, in_shift),
+                     partials)
+            y = y.contiguous(memory_format=fmt)
+    else:
+        y = y.contiguous(memory_format=fmt)
     if not compute_stats:
         empty = x.new_empty((0,), dtype=torch.float32)
         return y, empty, empty.clone()
@@ -980,7 +1013,7 @@ def _launch_dgrad(grad_out, x, weight, dx, geo: _Geometry, prec: str, hooks: _Ho
     grid = lambda meta: (triton.cdiv(geo.M_in, meta["BLOCK_M"]) * triton.cdiv(geo.Cg, meta["BLOCK_N"]), geo.groups)
     _conv_dgrad_kernel[grid](
         grad_out, weight, dx, y, ga, gb, x, s, t, pds, pdt,
-        geo.M_in, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
+        geo.M_in, autotune_bucket(geo.M_in), geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
         *grad_out.stride(), *weight.stride(), *dx.stride(), *y.stride(), *x.stride(), *geo.conv_args,
         PREC=prec, GRAD_AFFINE=hooks.affine, PROLOGUE=hooks.prologue)
 
@@ -999,12 +1032,13 @@ def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
         grid = lambda meta: (triton.cdiv(geo.M_out, meta["BLOCK_M"]) * triton.cdiv(geo.Kg, meta["BLOCK_N"]),
                              geo.groups)
         _dgrad_col_gemm_kernel[grid](
-            grad_out, weight, dcol, geo.M_out, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW, geo.Kg, ktot,
-            *grad_out.stride(), *weight.stride(), PREC=prec)
+            grad_out, weight, dcol, geo.M_out, autotune_bucket(geo.M_out), geo.P, geo.Q, geo.Cg, geo.Cout_g,
+            geo.KH, geo.KW, geo.Kg, ktot, *grad_out.stride(), *weight.stride(), PREC=prec)
         bm, bc = (32, 16) if INTERPRET else (64, 64)
         grid2 = (triton.cdiv(geo.M_in, bm), triton.cdiv(geo.C, bc))
         _col2im_kernel[grid2](dcol, dx, geo.M_in, geo.H, geo.W, geo.P, geo.Q, geo.C, geo.Cg, geo.KH, geo.KW,
-                              geo.Kg, ktot, *dx.stride(), *geo.conv_args, BLOCK_M=bm, BLOCK_C=bc)
+                              geo.Kg, ktot, *dx.stride(), *geo.conv_args, BLOCK_M=bm, BLOCK_C=bc,
+                              num_warps=8)   # 8 values per thread: at 4 warps (16) it spilled
         return dx
     _launch_dgrad(grad_out, x, weight, dx, geo, prec)
     return dx
@@ -1039,7 +1073,7 @@ def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str, hooks: _Ho
 
     _conv_wgrad_kernel[grid](
         grad_out, x, col, ws, y, ga, gb, s, t, dbs if dbs is not None else ws,
-        geo.M_out, geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
+        geo.M_out, autotune_bucket(geo.M_out), geo.H, geo.W, geo.P, geo.Q, geo.Cg, geo.Cout_g, geo.KH, geo.KW,
         geo.Kg, geo.groups * geo.Kg, chunk, *grad_out.stride(), *x.stride(), *y.stride(), *geo.conv_args,
         MODE=mode, PREC=prec, GRAD_AFFINE=hooks.affine, PROLOGUE=hooks.prologue, DBIAS=db is not None)
     if not direct:
@@ -1082,8 +1116,11 @@ def conv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if tuple(grad_out.shape) != expected:
         raise RuntimeError(f"grad_out must have shape {list(expected)}, got {list(grad_out.shape)}")
     prec = _precision(x.dtype)
-    with device_guard(x):
-        grad_x = _dgrad(grad_out, x, weight, geo, algo, prec) if output_mask[0] else x.new_empty(0)
+    fmt = dense_format(x)
+    with device_guard(x, grad_out, weight):
+        grad_out, x = _nhwc(grad_out), _nhwc(x)
+        grad_x = _dgrad(grad_out, x, weight, geo, algo, prec).contiguous(memory_format=fmt) if output_mask[0] \
+            else x.new_empty(0)
         grad_w = _wgrad(grad_out, x, weight, geo, algo, prec) if output_mask[1] else x.new_empty(0)
         grad_b = _bias_grad(grad_out, geo) if output_mask[2] else x.new_empty(0)
     return grad_x, grad_w, grad_b
@@ -1158,11 +1195,15 @@ def conv_bn_relu_backward(grad, y, grad_mean, grad_var, mean, x, weight, in_scal
     if tuple(grad.shape) != (geo.N, geo.Cout, geo.P, geo.Q):
         raise ValueError(f"grad_output must have shape {(geo.N, geo.Cout, geo.P, geo.Q)}, got {tuple(grad.shape)}")
     hooks = _stats_grad_hooks(grad, y, grad_mean, grad_var, mean, in_scale, in_shift, geo)
-    grad = grad.to(x.dtype)
     prec = _precision(x.dtype)
-    with device_guard(x):
+    fmt = dense_format(x)
+    with device_guard(x, grad, weight, in_scale, in_shift, y if hooks.affine else None):
+        grad, x = _nhwc(grad.to(x.dtype)), _nhwc(x)
+        if hooks.affine:
+            hooks.y = _nhwc(hooks.y)
         if compute_dx or hooks.prologue:
             dx, d_scale, d_shift = _fused_dgrad(grad, x, weight, geo, prec, hooks)
+            dx = dx.contiguous(memory_format=fmt)
         else:   # e.g. the network's input image: no dgrad at all
             dx, d_scale, d_shift = x.new_empty((0,)), *(x.new_empty((0,), dtype=torch.float32) for _ in range(2))
         dw, db = _fused_wgrad(grad, x, weight, geo, prec, hooks, has_bias)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, dense_format, new_output
+from ._common import check_grid, check_tensor, dense_format, device_guard, new_output
 
 BLOCK = 1024              # elements per program, contiguous kernel
 CL_BLOCK_ELEMS = 1024     # elements per program, channels_last kernel (BLOCK_S * BLOCK_C)
@@ -44,8 +44,10 @@ def _keep_factor(seed, idx, p, scale):
     return tl.where(u > p, scale, 0.0)
 
 
-@triton.jit
-def _dropout_kernel(X_ptr, Y_ptr, n_elements, seed, p, scale, BLOCK: tl.constexpr):
+# The seed is typed uint64 and not specialised: one compiled kernel serves every seed (a specialised int would
+# compile a variant for seeds that are 1, multiples of 16, or outside int32's range).
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_kernel(X_ptr, Y_ptr, n_elements, seed: tl.uint64, p, scale, BLOCK: tl.constexpr):
     """X, Y: n_elements dense in logical (row-major) order; memory index == logical index."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -54,8 +56,8 @@ def _dropout_kernel(X_ptr, Y_ptr, n_elements, seed, p, scale, BLOCK: tl.constexp
     tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _dropout_cl_kernel(X_ptr, Y_ptr, C, S, num_s_blocks, seed, p, scale,
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_cl_kernel(X_ptr, Y_ptr, C, S, num_s_blocks, seed: tl.uint64, p, scale,
                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """X, Y: logical (N, C, S) stored as (N, S, C) (NHWC with S = H*W).
 
@@ -96,6 +98,13 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if n == 0:
         return y
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0  # passed as float32, as p is
+    seed &= 2**64 - 1   # the same 64 bits as an unsigned value (the kernels' seed is uint64)
+    with device_guard(x):
+        _launch(x, y, n, fmt, seed, p, scale)
+    return y
+
+
+def _launch(x, y, n, fmt, seed, p, scale):
     if fmt == torch.channels_last:
         N, C, H, W = x.shape
         S = H * W
@@ -103,7 +112,9 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         block_s = max(CL_BLOCK_ELEMS // block_c, 1)
         num_s_blocks = triton.cdiv(S, block_s)
         grid = (N * num_s_blocks, triton.cdiv(C, block_c))
+        check_grid(grid, "dropout")
         _dropout_cl_kernel[grid](x, y, C, S, num_s_blocks, seed, p, scale, BLOCK_S=block_s, BLOCK_C=block_c)
     else:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, seed, p, scale, BLOCK=BLOCK)
-    return y
+        grid = (triton.cdiv(n, BLOCK),)
+        check_grid(grid, "dropout")
+        _dropout_kernel[grid](x, y, n, seed, p, scale, BLOCK=BLOCK)

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, bn_relu, check_device, check_tensor, check_vector, dense_format, mma, new_output,
-                      pixel_offsets, relu_passes, split_pixels, tile_ids)
+from . import conv
+from ._common import (INTERPRET, bn_relu, check_device, check_grid, check_int32_index, check_tensor, check_vector,
+                      dense_format, device_guard, mma, new_output, pixel_offsets, relu_passes, split_pixels, tile_ids)
 
 
 # ---------------------------------------------------------------------------- BN apply + ReLU (+ pool)
@@ -155,8 +156,8 @@ def _bn_relu_pool_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_pt
 
 
 # ---------------------------------------------------------------------------- Linear + ReLU + dropout
-@triton.jit
-def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed, p, a_scale, out_scale,
+@triton.jit(do_not_specialize=["seed"])
+def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed: tl.uint64, p, a_scale, out_scale,
                    sam, sak, som, sok, sbk, sbn,
                    HAS_BIAS: tl.constexpr, RELU_DROPOUT: tl.constexpr, A_GRAD: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -192,7 +193,7 @@ def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed, p, a_sca
         acc += tl.load(Bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU_DROPOUT:
         acc = tl.where(acc <= 0.0, 0.0, acc)
-        keep = tl.rand(seed, (offs_m[:, None] * N + offs_n[None, :]).to(tl.uint32)) > p
+        keep = tl.rand(seed, (m64[:, None] * N + n64[None, :]).to(tl.uint32)) > p   # index < 2**32: checked
         acc = tl.where(keep, acc * out_scale, 0.0)
     tl.store(C_ptr + m64[:, None] * N + n64[None, :], acc.to(C_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -206,7 +207,22 @@ def _check_bn_relu_args(y, scale, shift):
 
 
 def _elementwise_tiles(y):
+    """(BLOCK_P, BLOCK_C) of the BN-ReLU(-pool) kernels: 64 x 64 (32 values per thread at 4 warps)."""
     return (64, 16) if INTERPRET else (64, 64)
+
+
+def _pool_bwd_tiles(y):
+    """The pool backward keeps the window's argmax, gradient and both partial sums per value: 32 x 64 tiles (16
+    values per thread) fit its registers where 64 x 64 spilled (fp32, NCHW)."""
+    return (64, 16) if INTERPRET else (32, 64)
+
+
+def _check_pixels(count: int, C: int, block_p: int, block_c: int, what: str):
+    """The BN-ReLU(-pool) kernels index pixels in int32 and launch (pixel tiles, channel tiles)."""
+    check_int32_index(count + block_p, f"{what}: N*H*W pixels")
+    grid = (triton.cdiv(count, block_p), triton.cdiv(C, block_c))
+    check_grid(grid, what)
+    return grid
 
 
 def bn_relu_apply(y, scale, shift):
@@ -214,11 +230,13 @@ def bn_relu_apply(y, scale, shift):
     Returns relu(y * scale[c] + shift[c]) in y's dtype and memory format."""
     _check_bn_relu_args(y, scale, shift)
     N, C, H, W = y.shape
-    out = new_output(y.shape, y, memory_format=dense_format(y))
     BP, BC = _elementwise_tiles(y)
+    grid = _check_pixels(N * H * W, C, BP, BC, "bn_relu_apply")
+    out = new_output(y.shape, y, memory_format=dense_format(y))
     if y.numel():
-        _bn_relu_apply_fwd_kernel[(triton.cdiv(N * H * W, BP), triton.cdiv(C, BC))](
-            y, scale, shift, out, N, C, H, W, *y.stride(), *out.stride(), BLOCK_P=BP, BLOCK_C=BC)
+        with device_guard(y, scale, shift):
+            _bn_relu_apply_fwd_kernel[grid](y, scale, shift, out, N, C, H, W, *y.stride(), *out.stride(),
+                                            BLOCK_P=BP, BLOCK_C=BC)
     return out
 
 
@@ -231,14 +249,15 @@ def bn_relu_apply_backward(grad, y, scale, shift):
         raise ValueError(f"grad_output must have shape {tuple(y.shape)}, got {tuple(grad.shape)}")
     N, C, H, W = y.shape
     BP, BC = _elementwise_tiles(y)
-    tiles = triton.cdiv(N * H * W, BP)
+    grid = _check_pixels(N * H * W, C, BP, BC, "bn_relu_apply_backward")
     dy = new_output(y.shape, y, memory_format=dense_format(y))
-    pds = new_output((tiles, C), y, dtype=torch.float32)
-    pdt = new_output((tiles, C), y, dtype=torch.float32)
+    pds = new_output((grid[0], C), y, dtype=torch.float32)
+    pdt = new_output((grid[0], C), y, dtype=torch.float32)
     if y.numel():
-        _bn_relu_apply_bwd_kernel[(tiles, triton.cdiv(C, BC))](
-            grad, y, scale, shift, dy, pds, pdt, N, C, H, W,
-            *grad.stride(), *y.stride(), *dy.stride(), BLOCK_P=BP, BLOCK_C=BC)
+        with device_guard(y, grad, scale, shift):
+            _bn_relu_apply_bwd_kernel[grid](
+                grad, y, scale, shift, dy, pds, pdt, N, C, H, W,
+                *grad.stride(), *y.stride(), *dy.stride(), BLOCK_P=BP, BLOCK_C=BC)
     else:
         pds.zero_(), pdt.zero_()
     return dy, pds.sum(0), pdt.sum(0)
@@ -253,11 +272,14 @@ def bn_relu_maxpool2d(y, scale, shift):
     if OH == 0 or OW == 0:
         raise RuntimeError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{OH}x{OW}). "
                            "Output size is too small")
-    out = new_output((N, C, OH, OW), y, memory_format=dense_format(y))
     BP, BC = _elementwise_tiles(y)
+    check_int32_index(N * H * W, "bn_relu_maxpool2d: N*H*W pixels")
+    grid = _check_pixels(N * OH * OW, C, BP, BC, "bn_relu_maxpool2d")
+    out = new_output((N, C, OH, OW), y, memory_format=dense_format(y))
     if out.numel():
-        _bn_relu_pool_fwd_kernel[(triton.cdiv(N * OH * OW, BP), triton.cdiv(C, BC))](
-            y, scale, shift, out, N, C, H, W, OH, OW, *y.stride(), *out.stride(), BLOCK_P=BP, BLOCK_C=BC)
+        with device_guard(y, scale, shift):
+            _bn_relu_pool_fwd_kernel[grid](y, scale, shift, out, N, C, H, W, OH, OW, *y.stride(), *out.stride(),
+                                           BLOCK_P=BP, BLOCK_C=BC)
     return out
 
 
@@ -271,44 +293,70 @@ def bn_relu_maxpool2d_backward(grad, y, scale, shift):
     if tuple(grad.shape) != (N, C, OH, OW):
         raise ValueError(f"grad_output must have shape {(N, C, OH, OW)}, got {tuple(grad.shape)}")
     OHC, OWC = (H + 1) // 2, (W + 1) // 2
-    BP, BC = _elementwise_tiles(y)
-    tiles = triton.cdiv(N * OHC * OWC, BP)
+    BP, BC = _pool_bwd_tiles(y)
+    check_int32_index(N * H * W, "bn_relu_maxpool2d_backward: N*H*W pixels")
+    grid = _check_pixels(N * OHC * OWC, C, BP, BC, "bn_relu_maxpool2d_backward")
     dy = new_output(y.shape, y, memory_format=dense_format(y))
-    pds = new_output((tiles, C), y, dtype=torch.float32)
-    pdt = new_output((tiles, C), y, dtype=torch.float32)
+    pds = new_output((grid[0], C), y, dtype=torch.float32)
+    pdt = new_output((grid[0], C), y, dtype=torch.float32)
     if y.numel():
-        _bn_relu_pool_bwd_kernel[(tiles, triton.cdiv(C, BC))](
-            grad, y, scale, shift, dy, pds, pdt, N, C, H, W, OH, OW, OHC, OWC,
-            *grad.stride(), *y.stride(), *dy.stride(), BLOCK_P=BP, BLOCK_C=BC)
+        with device_guard(y, grad, scale, shift):
+            _bn_relu_pool_bwd_kernel[grid](
+                grad, y, scale, shift, dy, pds, pdt, N, C, H, W, OH, OW, OHC, OWC,
+                *grad.stride(), *y.stride(), *dy.stride(), BLOCK_P=BP, BLOCK_C=BC)
     else:
         pds.zero_(), pdt.zero_()
     return dy, pds.sum(0), pdt.sum(0)
 
 
-# The Linear GEMMs keep the precision they always had: TF32 for float32 operands (the convs follow
-# torch.backends.cudnn.allow_tf32; a Linear would follow torch.backends.cuda.matmul.allow_tf32 — not switched here).
-_LINEAR_PREC = "tf32"
+def _linear_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the Linear GEMMs: TF32 for float32 exactly when torch's matmul would use it
+    (torch.backends.cuda.matmul.allow_tf32, as nn.Linear follows; the convs follow cuDNN's flag)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
 
 
-def _linear_tiles(n):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the Linear GEMMs."""
+def _linear_tiles(n: int, elem_size: int, a_grad: bool, device: torch.device, m: int = 128,
+                  prec: str = "tf32") -> triton.Config:
+    """The Linear GEMMs' tile: (128 | 64 for M <= 64, a batch) x (128 | 64 for N < 128), BLOCK_K 64 for 16-bit
+    operands, 32 for float32 (so an fp32 tile's bytes match a 16-bit one's) and 16 for IEEE float32 (FMA, no
+    tensor cores), and the deepest pipeline (4, 3 or 2 stages) whose shared memory fits the device by
+    conv.smem_bytes' model (the A_GRAD backward also pipelines the output tile O next to A, and stages the
+    transformed A tile). Chosen with `fusedcnn compile-check`: 128-row tiles spilled registers in the
+    forward's dropout epilogue at batch 32, and IEEE fp32 at BLOCK_K 32."""
     if INTERPRET:
-        return 16, 16, 16, 1, 1
-    return 128, (128 if n >= 128 else 64), 64, 8 if n >= 128 else 4, 4
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)
+    limit, cc_major = conv._smem_limit(device)
+    bn, warps = (128, 8) if n >= 128 else (64, 4)
+    bm = 64 if m <= 64 else 128
+    bk = 64 if elem_size <= 2 else (32 if prec == "tf32" else 16)
+    for stages in (4, 3, 2):
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        if conv.smem_bytes(cfg, elem_size, cc_major, y_tile=a_grad, staged_a=a_grad, scratch=True) <= limit:
+            return cfg
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 
 
 def _gemm(a, b, out, *, o=None, a_scale=1.0, bias=None, seed=0, p=0.0, relu_dropout=False):
     """out (M, N) contiguous = epilogue(prologue(a) @ b); a (M, K), b (K, N), o like a (A_GRAD prologue)."""
     M, K = a.shape
     N = b.shape[1]
-    BM, BN, BK, warps, stages = _linear_tiles(N)
+    prec = _linear_precision(a.dtype)
+    cfg = _linear_tiles(N, a.element_size(), o is not None, a.device, M, prec)
+    BM, BN = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    check_grid(grid, "linear_relu_dropout")
     if M and N:
-        _linear_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
-            a, o if o is not None else a, b, bias if bias is not None else b, out, M, N, K,
-            seed & (2 ** 64 - 1), p, a_scale, (1.0 / (1.0 - p)) if p < 1 else 0.0,
-            a.stride(0), a.stride(1), *(o.stride() if o is not None else a.stride()), b.stride(0), b.stride(1),
-            HAS_BIAS=bias is not None, RELU_DROPOUT=relu_dropout, A_GRAD=o is not None, PREC=_LINEAR_PREC,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, num_warps=warps, num_stages=stages)
+        bias = bias.contiguous() if bias is not None else None   # the epilogue reads bias[n] densely
+        with device_guard(a, b, out, o, bias):
+            _linear_kernel[grid](
+                a, o if o is not None else a, b, bias if bias is not None else b, out, M, N, K,
+                seed & (2 ** 64 - 1), p, a_scale, (1.0 / (1.0 - p)) if p < 1 else 0.0,
+                a.stride(0), a.stride(1), *(o.stride() if o is not None else a.stride()), b.stride(0), b.stride(1),
+                HAS_BIAS=bias is not None, RELU_DROPOUT=relu_dropout, A_GRAD=o is not None,
+                PREC=prec, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **cfg.kwargs)
     return out
 
 
@@ -328,6 +376,8 @@ def _check_linear_args(x, weight, bias, p):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if x.shape[0] * weight.shape[0] >= 2 ** 32:
         raise ValueError("linear_relu_dropout: the dropout stream is defined for fewer than 2**32 output elements")
+    for n, what in ((x.shape[0], "rows"), (weight.shape[0], "output features"), (x.shape[1], "input features")):
+        check_int32_index(n, f"linear_relu_dropout: {what}")
     check_device(x, weight, bias)
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fusedcnn.common import adaptive_geometry, pooled_size, regular_geometry
 
-from ._common import check_tensor, dense_format, new_output
+from ._common import check_grid, check_tensor, dense_format, device_guard, new_output
 
 
 class Dim(NamedTuple):
@@ -239,11 +239,16 @@ def _channels_inner(t: torch.Tensor) -> bool:
     return t.shape[1] > 1 and t.stride(1) == 1
 
 
+# Elements per program (NHWC; NCHW: half) and warps of the windowed kernels; `fusedcnn compile-check`: no spills
+# at VGG16's shapes with 4 warps (8 warps spilled 4 B in the NCHW max-pool backward on sm_80).
+_ELEMS, _WARPS = 2048, 4
+
+
 def _blocks(channels_inner: bool, C: int):
-    if channels_inner:  # a 16-byte+ vector of channels per row; ~2048 elements per program
+    if channels_inner:  # a 16-byte+ vector of channels per row
         block_c = min(64, triton.next_power_of_2(C))
-        return 2048 // block_c, block_c
-    return 1024, 1
+        return _ELEMS // block_c, block_c
+    return _ELEMS // 2, 1
 
 
 def _check_x(x: torch.Tensor, name: str = "x"):
@@ -268,19 +273,23 @@ def _launch_forward(x: torch.Tensor, dh: Dim, dw: Dim, *, is_max: bool, want_idx
         # Global pooling of dense NCHW planes: one row per plane, H*W reduced in vector chunks.
         block_hw = min(1024, triton.next_power_of_2(H * W))
         block_r = max(1, 2048 // block_hw)
-        _global_pool_kernel[(triton.cdiv(N * C, block_r),)](
-            x, y, idx if want_idx else y, N * C, C, H * W, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            IS_MAX=is_max, WRITE_IDX=want_idx, BLOCK_R=block_r, BLOCK_HW=block_hw)
+        check_grid((triton.cdiv(N * C, block_r),), "global pooling")
+        with device_guard(x):
+            _global_pool_kernel[(triton.cdiv(N * C, block_r),)](
+                x, y, idx if want_idx else y, N * C, C, H * W, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                IS_MAX=is_max, WRITE_IDX=want_idx, BLOCK_R=block_r, BLOCK_HW=block_hw)
         return y, idx
     inner = _channels_inner(x)
     block_p, block_c = _blocks(inner, C)
     P = N * dh.out * dw.out * (1 if inner else C)
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c) if inner else 1)
-    _pool_fwd_kernel[grid](
-        x, y, idx if want_idx else y, P, C, H, W, dh.out, dw.out, *x.stride(), *y.stride(),
-        dh.A, dh.B, dh.pad, dh.dil, dh.extra, dw.A, dw.B, dw.pad, dw.dil, dw.extra, divisor,
-        TAPS_H=dh.taps, TAPS_W=dw.taps, IS_MAX=is_max, COUNT_PAD=count_pad, WRITE_IDX=want_idx,
-        CHANNELS_INNER=inner, BLOCK_P=block_p, BLOCK_C=block_c)
+    check_grid(grid, "pooling")
+    with device_guard(x):
+        _pool_fwd_kernel[grid](
+            x, y, idx if want_idx else y, P, C, H, W, dh.out, dw.out, *x.stride(), *y.stride(),
+            dh.A, dh.B, dh.pad, dh.dil, dh.extra, dw.A, dw.B, dw.pad, dw.dil, dw.extra, divisor,
+            TAPS_H=dh.taps, TAPS_W=dw.taps, IS_MAX=is_max, COUNT_PAD=count_pad, WRITE_IDX=want_idx,
+            CHANNELS_INNER=inner, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_WARPS)
     return y, idx
 
 
@@ -299,12 +308,14 @@ def _launch_backward(grad_out: torch.Tensor, input_size, dh: Dim, dw: Dim, *, mo
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c) if inner else 1)
     xs = x if x is not None else grad_out
     it = idx if idx is not None else grad_out
-    _pool_bwd_kernel[grid](
-        grad_out, xs, it, dx, P, C, H, W, dh.out, dw.out,
-        *grad_out.stride(), *xs.stride(), *it.stride(), *dx.stride(),
-        dh.A, dh.B, dh.pad, dh.dil, dh.extra, dw.A, dw.B, dw.pad, dw.dil, dw.extra, divisor,
-        TAPS_H=dh.taps, TAPS_W=dw.taps, NC_H=dh.ncand, NC_W=dw.ncand, MODE=mode, COUNT_PAD=count_pad,
-        CHANNELS_INNER=inner, BLOCK_P=block_p, BLOCK_C=block_c)
+    check_grid(grid, "pooling backward")
+    with device_guard(grad_out, x, idx):
+        _pool_bwd_kernel[grid](
+            grad_out, xs, it, dx, P, C, H, W, dh.out, dw.out,
+            *grad_out.stride(), *xs.stride(), *it.stride(), *dx.stride(),
+            dh.A, dh.B, dh.pad, dh.dil, dh.extra, dw.A, dw.B, dw.pad, dw.dil, dw.extra, divisor,
+            TAPS_H=dh.taps, TAPS_W=dw.taps, NC_H=dh.ncand, NC_W=dw.ncand, MODE=mode, COUNT_PAD=count_pad,
+            CHANNELS_INNER=inner, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_WARPS)
     return dx
 
 

@@ -46,10 +46,13 @@ at::Tensor relu_cuda(const at::Tensor& x) {
 }
 
 at::Tensor relu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out) {
-  FUSEDCNN_CHECK_DEVICE(grad_out, at::kCUDA);
+  // grad_out and out on one device first: a CPU/CUDA or cuda:0/cuda:1 mix would otherwise read one
+  // tensor's memory through the other's device (or fail later with a less clear message).
+  check_same_device("fusedcnn::relu_backward", grad_out, "grad_out", out, "out");
   FUSEDCNN_CHECK_DEVICE(out, at::kCUDA);
+  FUSEDCNN_CHECK_FLOATING(out);
+  check_same_dtype("fusedcnn::relu_backward", grad_out, "grad_out", out, "out");
   FUSEDCNN_CHECK_SAME_SHAPE(grad_out, out);
-  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "grad_out and out must share a dtype");
   c10::cuda::CUDAGuard guard(out.device());
   const auto fmt = out.suggest_memory_format();
   at::Tensor g = grad_out.contiguous(fmt), y = out.contiguous(fmt);

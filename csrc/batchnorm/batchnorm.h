@@ -21,7 +21,8 @@ inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? a
 
 inline void check_input(const at::Tensor& x, const char* name, c10::DeviceType dev) {
   TORCH_CHECK(x.device().type() == dev, name, " must be a ", c10::DeviceTypeName(dev), " tensor, got ", x.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(is_kernel_float(x.scalar_type()), name,
+              " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4, name, " must have 4 dimensions (N, C, H, W), got ", x.dim());
 }
 

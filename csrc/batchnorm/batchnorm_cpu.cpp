@@ -438,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_impl(const at::Tensor& gy, co
 
 // grad_out in x's layout (autograd may hand it over in another one).
 at::Tensor grad_like(const at::Tensor& grad_out, const at::Tensor& x) {
-  FUSEDCNN_CHECK_DEVICE(grad_out, at::kCPU);
+  check_same_device("fusedcnn batch norm backward", grad_out, "grad_out", x, "x");
   FUSEDCNN_CHECK_SAME_SHAPE(grad_out, x);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ", x.scalar_type(),
               ", got ", grad_out.scalar_type());

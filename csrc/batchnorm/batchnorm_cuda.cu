@@ -233,16 +233,20 @@ void with_layout(const at::Tensor& x, L launch) {
   }
 }
 
-at::Tensor checked_x(const at::Tensor& x) {
+// Every op checks x (a CUDA tensor, its dtype and rank; grad_out on x's device) BEFORE it builds its
+// CUDAGuard: the guard needs a CUDA device, and a CPU x would otherwise fail inside c10 with a message
+// that names neither the op nor the tensor. Then x in its dense layout.
+void check_x(const char* op, const at::Tensor& x, const at::Tensor* grad_out = nullptr) {
+  if (grad_out) check_same_device(op, *grad_out, "grad_out", x, "x");
   bn::check_input(x, "x", at::kCUDA);
   TORCH_CHECK(x.scalar_type() != at::kDouble, "x: float64 is not supported on CUDA (float32, float16, bfloat16)");
-  return x.contiguous(bn::layout_of(x));
 }
 
+at::Tensor dense_x(const at::Tensor& x) { return x.contiguous(bn::layout_of(x)); }
+
 at::Tensor grad_like(const at::Tensor& grad_out, const at::Tensor& x) {
-  FUSEDCNN_CHECK_DEVICE(grad_out, at::kCUDA);
+  check_same_device("fusedcnn batch norm backward", grad_out, "grad_out", x, "x");
   FUSEDCNN_CHECK_SAME_SHAPE(grad_out, x);
-  TORCH_CHECK(grad_out.device() == x.device(), "grad_out must be on ", x.device());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ", x.scalar_type(),
               ", got ", grad_out.scalar_type());
   return grad_out.contiguous(bn::layout_of(x));
@@ -262,8 +266,9 @@ std::pair<at::Tensor, at::Tensor> affine_coefs(const at::Tensor& x, const at::Te
 
 // ------------------------------------------------------------------ ops
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_) {
+  check_x("fusedcnn::batch_norm_stats", x_);
   c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = checked_x(x_);
+  const at::Tensor x = dense_x(x_);
   const int64_t C = x.size(1);
   if (x.numel() == 0) {
     at::Tensor nan = at::full({C}, NAN, x.options().dtype(at::kFloat));
@@ -294,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_) {
 at::Tensor batch_norm_apply_cuda(const at::Tensor& x_, const at::Tensor& mean, const at::Tensor& invstd,
                                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                  bool relu) {
+  check_x("fusedcnn::batch_norm_apply", x_);
   c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = checked_x(x_);
+  const at::Tensor x = dense_x(x_);
   const auto [a, b] = affine_coefs(x, mean, invstd, weight, bias);
   const at::Tensor mean_c = mean.contiguous();
   at::Tensor y = new_output(x.sizes(), x.options(), bn::layout_of(x));
@@ -315,8 +321,9 @@ at::Tensor batch_norm_apply_cuda(const at::Tensor& x_, const at::Tensor& mean, c
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& mean, const at::Tensor& invstd,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, bool relu) {
+  check_x("fusedcnn::batch_norm_backward_reduce", x_, &grad_out);
   c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = checked_x(x_);
+  const at::Tensor x = dense_x(x_);
   const at::Tensor gy = grad_like(grad_out, x);
   const auto [a, b] = affine_coefs(x, mean, invstd, weight, bias);
   const int64_t C = x.size(1);
@@ -346,8 +353,9 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out, const at::
                                           const c10::optional<at::Tensor>& bias,
                                           const c10::optional<at::Tensor>& sum_dy,
                                           const c10::optional<at::Tensor>& sum_dy_xmu, double count, bool relu) {
+  check_x("fusedcnn::batch_norm_backward_elemt", x_, &grad_out);
   c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = checked_x(x_);
+  const at::Tensor x = dense_x(x_);
   const at::Tensor gy = grad_like(grad_out, x);
   const auto [a, b] = affine_coefs(x, mean, invstd, weight, bias);
   const bool training = sum_dy.has_value() && sum_dy->defined();

@@ -10,8 +10,9 @@
 //
 // The batch is processed in chunks of `nb` images. Per chunk, the column buffer
 //   col: (C*kH*kW, nb*L), L = H_out*W_out, row r = (c, ki, kj), column = (image, h_out, w_out)
-// viewed per group as (G, C/G*kH*kW, nb*L), and
-//   forward  Y_g  = W_g · col_g (+ b_g)          (K/G, nb*L)   at::addmm / at::mm
+// viewed per group as (G, C/G*kH*kW, nb*L), and, for all G groups in one batched GEMM (gemm_out below:
+// at::baddbmm / at::bmm over the (G, ...) views; at::addmm / at::mm when G = 1)
+//   forward  Y_g  = W_g · col_g (+ b_g)          (K/G, nb*L)
 //   dgrad    col_g = W_gᵀ · dY_g, then col2im     (sums overlapping patches back into dX)
 //   wgrad    dW_g += dY_g · col_gᵀ               (accumulated across chunks in fp32/fp64)
 //   bias     db = sum of dY over N, H_out, W_out (fp32/fp64 accumulation)
@@ -74,6 +75,15 @@ inline at::MemoryFormat output_format(const at::Tensor& x) {
                                                                                  : at::MemoryFormat::Contiguous;
 }
 
+// Every tensor of the call on x's device (cuda:0 vs cuda:1 included), checked first: the CUDA entry points
+// call this before they build a CUDAGuard from x's device, and the message names both devices.
+inline void check_devices(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor* grad_out) {
+  check_same_device(op, weight, "weight", x, "x");
+  if (bias.has_value() && bias->defined()) check_same_device(op, *bias, "bias", x, "x");
+  if (grad_out) check_same_device(op, *grad_out, "grad_out", x, "x");
+}
+
 // Checks every argument (so a bad call raises instead of indexing out of bounds) and returns the geometry.
 inline Geom check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view algo,
@@ -81,12 +91,11 @@ inline Geom check_args(const char* op, const at::Tensor& x, const at::Tensor& we
   TORCH_CHECK(algo == "auto" || algo == "im2col", op, ": the cpp backend implements algo 'auto' and 'im2col' "
               "(explicit im2col + GEMM), got '", std::string(algo), "'",
               algo == "implicit_gemm" ? "; implicit GEMM is written for the triton backend" : "");
+  check_same_device(op, weight, "weight", x, "x");
   FUSEDCNN_CHECK_DEVICE(x, k.device);
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(), ", got ", weight.device());
   TORCH_CHECK(k.dtype_ok(x.scalar_type()), op, " (cpp, ", k.device_name, ") supports ", k.dtypes, ", got ",
               x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": x and weight must share a dtype, got ",
-              x.scalar_type(), " and ", weight.scalar_type());
+  check_same_dtype(op, x, "x", weight, "weight");
   FUSEDCNN_CHECK_DIM(x, 4);
   FUSEDCNN_CHECK_DIM(weight, 4);
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
@@ -119,19 +128,47 @@ inline int64_t images_per_chunk(const Geom& g, int64_t N, int64_t elem_size, con
   return std::max<int64_t>(1, std::min<int64_t>(N, col_buffer_bytes(k) / per_image));
 }
 
+// The per-group GEMMs of one chunk as ONE batched GEMM over the leading (groups) dimension: at::bmm /
+// at::baddbmm, i.e. cuBLAS strided-batched on CUDA and MKL's batched GEMM (or oneDNN) on CPU -- a depthwise
+// conv is one call per chunk and direction instead of C tiny GEMMs. One group is a plain at::mm / at::addmm
+// (the same BLAS call the batched one makes for a batch of one, without the batch bookkeeping).
+//   out: (G, M, N) contiguous; a: (G, M, K); b: (G, K, N) (a transposed view is fine); bias: (G, M, 1) or null.
+inline void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias) {
+  at::Tensor o = out;  // the *_out ops take a non-const reference
+  if (out.size(0) == 1) {
+    at::Tensor o0 = o.select(0, 0);
+    if (bias) at::addmm_out(o0, bias->select(0, 0), a.select(0, 0), b.select(0, 0));
+    else at::mm_out(o0, a.select(0, 0), b.select(0, 0));
+  } else if (bias) {
+    at::baddbmm_out(o, bias->expand(out.sizes()), a, b);
+  } else {
+    at::bmm_out(o, a, b);
+  }
+}
+
+// acc += a · b over the groups (acc (G, M, N) contiguous, of a and b's dtype).
+inline void gemm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.size(0) == 1) acc.select(0, 0).addmm_(a.select(0, 0), b.select(0, 0));
+  else acc.baddbmm_(a, b);
+}
+
+// a · b over the groups, a fresh (G, M, N) tensor of a and b's dtype.
+inline at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  return a.size(0) == 1 ? at::mm(a.select(0, 0), b.select(0, 0)).unsqueeze(0) : at::bmm(a, b);
+}
+
 // conv2d(x, weight, bias, stride, padding, dilation, groups, algo) -> out (N, K, H_out, W_out)
 inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           c10::string_view algo, const Kernels& k) {
+  check_devices("fusedcnn::conv2d", x, weight, bias, nullptr);
   const Geom g = check_args("fusedcnn::conv2d", x, weight, stride, padding, dilation, groups, algo, k);
   const at::NoGradGuard no_grad;  // internals only (see backward)
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.K, "fusedcnn::conv2d: bias must have shape (", g.K,
                 ",), got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type(),
-                "fusedcnn::conv2d: bias must match x's device and dtype, got ", bias->device(), " ",
-                bias->scalar_type());
+    check_same_dtype("fusedcnn::conv2d", *bias, "bias", x, "x");
   }
   const int64_t N = x.size(0), G = g.groups, Kg = g.K / G, CKg = (g.C / G) * g.kh * g.kw, L = g.Ho * g.Wo;
   at::Tensor out = new_output({N, g.K, g.Ho, g.Wo}, x.options(), output_format(x));
@@ -150,11 +187,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const s
     const bool direct = n == 1 && out.is_contiguous();
     const at::Tensor y = (direct ? out.narrow(0, n0, 1).view({-1}) : y_buf.narrow(0, 0, g.K * n * L)).view({G, Kg, n * L});
     k.im2col(xc.narrow(0, n0, n), col, g);
-    for (int64_t gi = 0; gi < G; ++gi) {
-      at::Tensor yg = y.select(0, gi);
-      if (has_bias) at::addmm_out(yg, b.select(0, gi), w.select(0, gi), col.select(0, gi));
-      else at::mm_out(yg, w.select(0, gi), col.select(0, gi));
-    }
+    gemm_out(y, w, col, has_bias ? &b : nullptr);  // Y_g = W_g · col_g (+ b_g), every group in one GEMM
     // (K, n, H_out, W_out) -> the chunk of out, in out's memory format
     if (!direct) out.narrow(0, n0, n).copy_(y.view({g.K, n, g.Ho, g.Wo}).permute({1, 0, 2, 3}));
   }
@@ -167,15 +200,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask,
     c10::string_view algo, const Kernels& k) {
+  check_devices("fusedcnn::conv2d_backward", x, weight, std::nullopt, &grad_out);
   const Geom g = check_args("fusedcnn::conv2d_backward", x, weight, stride, padding, dilation, groups, algo, k);
   // The ATen calls below are this op's internals, not part of any graph (autograd of the conv is the Python
   // formula): without this, a call with grad mode on (create_graph=True) failed in mm_out.
   const at::NoGradGuard no_grad;
   const int64_t N = x.size(0), G = g.groups, Kg = g.K / G, CKg = (g.C / G) * g.kh * g.kw, L = g.Ho * g.Wo;
-  FUSEDCNN_CHECK_DEVICE(grad_out, k.device);
-  TORCH_CHECK(grad_out.device() == x.device(), "fusedcnn::conv2d_backward: grad_out must be on ", x.device());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "fusedcnn::conv2d_backward: grad_out must have dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
+  check_same_dtype("fusedcnn::conv2d_backward", grad_out, "grad_out", x, "x");
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, g.K, g.Ho, g.Wo}),
               "fusedcnn::conv2d_backward: grad_out must have shape ", at::IntArrayRef({N, g.K, g.Ho, g.Wo}),
               ", got ", grad_out.sizes());
@@ -203,17 +234,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       if (!direct) dy.view({g.K, n, g.Ho, g.Wo}).copy_(grad_out.narrow(0, n0, n).permute({1, 0, 2, 3}));
       if (need_w) {  // dW_g += dY_g · col_gᵀ
         k.im2col(xc.narrow(0, n0, n), col, g);
-        for (int64_t gi = 0; gi < G; ++gi) {
-          at::Tensor acc = grad_w_acc.select(0, gi);
-          if (acc_type == x.scalar_type()) acc.addmm_(dy.select(0, gi), col.select(0, gi).t());
-          else acc.add_(at::mm(dy.select(0, gi), col.select(0, gi).t()));  // low precision: sum chunks in fp32
-        }
+        const at::Tensor colT = col.transpose(1, 2);  // (G, n*L, CKg): a transposed operand, no copy
+        if (acc_type == x.scalar_type()) gemm_acc_(grad_w_acc, dy, colT);
+        else grad_w_acc.add_(gemm(dy, colT));  // low precision: each chunk's GEMM rounded once, summed in fp32
       }
       if (need_x) {  // col_g = W_gᵀ · dY_g, then col2im (reuses the column buffer after wgrad)
-        for (int64_t gi = 0; gi < G; ++gi) {
-          at::Tensor cg = col.select(0, gi);
-          at::mm_out(cg, w.select(0, gi).t(), dy.select(0, gi));
-        }
+        gemm_out(col, w.transpose(1, 2), dy, nullptr);
         k.col2im(col, gx_work.narrow(0, n0, n), g);
       }
     }

@@ -103,7 +103,8 @@ const Kernels kCudaKernels{at::kCUDA, "CUDA", &cuda_dtype_ok, "float32, float16,
 at::Tensor conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        c10::string_view algo) {
-  FUSEDCNN_CHECK_DEVICE(x, at::kCUDA);  // before the guard, which needs a CUDA device
+  check_devices("fusedcnn::conv2d", x, weight, bias, nullptr);  // before the guard, which needs a CUDA device
+  FUSEDCNN_CHECK_DEVICE(x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
   return forward(x, weight, bias, stride, padding, dilation, groups, algo, kCudaKernels);
 }
@@ -112,7 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask,
     c10::string_view algo) {
-  FUSEDCNN_CHECK_DEVICE(x, at::kCUDA);  // before the guard, which needs a CUDA device
+  check_devices("fusedcnn::conv2d_backward", x, weight, std::nullopt, &grad_out);  // before the guard
+  FUSEDCNN_CHECK_DEVICE(x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
   return backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask, algo, kCudaKernels);
 }

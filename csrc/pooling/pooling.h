@@ -155,9 +155,12 @@ inline at::Tensor new_pooled(const at::Tensor& like, int64_t n, int64_t c, int64
 //                        const at::Tensor& idx /*adaptive max, else undefined*/, const Args&, at::Tensor& grad_in);
 template <class Impl>
 struct Ops {
+  // The messages name the tensor checked (x or grad_out), not the parameter of this helper.
   static void check_input(const at::Tensor& x, const char* name) {
-    FUSEDCNN_CHECK_DEVICE(x, Impl::device);
-    FUSEDCNN_CHECK_FLOATING(x);
+    TORCH_CHECK(x.device().type() == Impl::device, name, " must be a ", c10::DeviceTypeName(Impl::device),
+                " tensor, got ", x.device());
+    TORCH_CHECK(is_kernel_float(x.scalar_type()), name, " must be a floating-point tensor (float32, float64, "
+                "float16 or bfloat16), got ", x.scalar_type());
     Impl::check_dtype(x);
     TORCH_CHECK(x.dim() == 4, name, " must be (N, C, H, W), got ", x.sizes());
   }
@@ -191,8 +194,10 @@ struct Ops {
   }
   static at::Tensor max_pool2d_backward(const at::Tensor& g, const at::Tensor& x, at::IntArrayRef k,
                                         at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
+    // One device (cuda:0 vs cuda:1 too) before anything reads x or grad_out or builds a device guard.
+    check_same_device("fusedcnn::max_pool2d_backward", g, "grad_out", x, "x");
     check_input(x, "x");
-    TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_out and x must share a dtype");
+    check_same_dtype("fusedcnn::max_pool2d_backward", g, "grad_out", x, "x");
     return run_backward(g, x.sizes(), x, at::Tensor(), regular_args(x, k, s, p, d, ceil_mode, Kind::Max, false, 0));
   }
   static at::Tensor avg_pool2d(const at::Tensor& x, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
@@ -231,8 +236,9 @@ struct Ops {
   static at::Tensor adaptive_max_pool2d_backward(const at::Tensor& g, const at::Tensor& idx,
                                                  at::IntArrayRef input_size) {
     TORCH_CHECK(input_size.size() == 4, "input_size must be (N, C, H, W), got ", input_size);
+    check_same_device("fusedcnn::adaptive_max_pool2d_backward", g, "grad_out", idx, "indices");
+    check_input(g, "grad_out");
     TORCH_CHECK(g.dim() == 4, "grad_out must be (N, C, OH, OW), got ", g.sizes());
-    FUSEDCNN_CHECK_DEVICE(idx, Impl::device);
     TORCH_CHECK(idx.scalar_type() == at::kLong && idx.sizes() == g.sizes(),
                 "indices must be int64 with grad_out's shape ", g.sizes(), ", got ", idx.scalar_type(), " ", idx.sizes());
     const int64_t out[2] = {g.size(2), g.size(3)};

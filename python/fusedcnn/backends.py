@@ -38,6 +38,12 @@ _AUTO_ORDER = {
 _AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
 
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedcnn_backend", default=None)
+# torch.compile traces _chosen.get() from torch 2.14 on (read at trace time, guarded). torch 2.13's Dynamo cannot
+# (a graph break; an error under fullgraph=True), so there use_backend also keeps the choice in this module global,
+# which compiled code reads instead: Dynamo guards on it, so a new choice recompiles. (Process-wide, not per thread
+# or task: on torch 2.13, compiled code in two threads under different use_backend blocks sees the latest choice.)
+_TRACE_CONTEXTVAR = torch.__version__ >= (2, 14)
+_chosen_for_compile: str | None = None
 
 
 def _check_name(name: str, where: str) -> str:
@@ -122,16 +128,22 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the fusedcnn layers inside the block with backend `name` (unless a layer names its own)."""
+    global _chosen_for_compile
     token = _chosen.set(_check_name(name, " in use_backend()"))
+    outer, _chosen_for_compile = _chosen_for_compile, name
     try:
         yield
     finally:
         _chosen.reset(token)
+        _chosen_for_compile = outer
 
 
 def current_backend() -> str:
     """The backend in force here when no layer names one: use_backend, else FUSEDCNN_BACKEND, else auto."""
-    name = _chosen.get()
+    if _TRACE_CONTEXTVAR or not torch.compiler.is_compiling():
+        name = _chosen.get()
+    else:
+        name = _chosen_for_compile
     if name is not None and name != "auto":
         return name
     env = os.environ.get("FUSEDCNN_BACKEND")

@@ -3,6 +3,8 @@
     fusedcnn train [options]      train VGG16 (python -m fusedcnn.train; --help for options)
     fusedcnn bench kernels [...]  benchmarks/kernels.py: layer microbenchmarks against torch
     fusedcnn bench e2e [...]      benchmarks/e2e_mnist.py: end-to-end VGG16 training, every backend
+    fusedcnn compile-check [...]  compile every Triton kernel (and the CUDA sources) for sm_80 / sm_90 without a
+                                  GPU: registers, spills, shared memory (fusedcnn.compile_check; --help)
 
 The benchmarks live in the repository (benchmarks/ next to python/), not in the installed package:
 they are found from the editable install's source tree, or from $FUSEDCNN_REPO.
@@ -14,10 +16,12 @@ import os
 import sys
 
 BENCHMARKS = {"kernels": "kernels.py", "e2e": "e2e_mnist.py"}
-USAGE = ("usage: fusedcnn {train,bench} ...\n"
+USAGE = ("usage: fusedcnn {train,bench,compile-check} ...\n"
          "  fusedcnn train [options]        train VGG16 on MNIST (fusedcnn train --help)\n"
          "  fusedcnn bench kernels [...]    layer microbenchmarks (benchmarks/kernels.py)\n"
-         "  fusedcnn bench e2e [...]        end-to-end VGG16 training benchmark (benchmarks/e2e_mnist.py)\n")
+         "  fusedcnn bench e2e [...]        end-to-end VGG16 training benchmark (benchmarks/e2e_mnist.py)\n"
+         "  fusedcnn compile-check [...]    compile every kernel for sm_80/sm_90 without a GPU "
+         "(fusedcnn compile-check --help)\n")
 
 
 def benchmarks_dir() -> str:
@@ -63,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"{rest[0] if rest else 'nothing'!r}\n" + USAGE)
             return 2
         return _run_benchmark(rest[0], rest[1:])
+    if command == "compile-check":
+        # A fresh interpreter: the check compiles for real GPUs, which TRITON_INTERPRET=1 (read when triton is
+        # imported) would forbid in this one.
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "fusedcnn.compile_check", *rest], env=env).returncode
     sys.stderr.write(f"fusedcnn: unknown command {command!r}\n" + USAGE)
     return 2
 
