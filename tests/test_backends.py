@@ -1,5 +1,4 @@
 """Backend selection: names, precedence, availability and errors."""
-import os
 
 import pytest
 import torch

@@ -68,8 +68,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, autotune_bucket, bn_relu, check_device, check_tensor, check_vector, dense_format,
-                      device_guard, is_channels_last, mma, new_output, pixel_offsets, relu_passes, split_pixels,
-                      tile_ids)
+                      device_guard, mma, new_output, pixel_offsets, relu_passes, split_pixels, tile_ids)
 
 ALGOS = ("auto", "implicit_gemm", "im2col")
 MODE_TILED, MODE_FLAT, MODE_COL = 0, 1, 2
