@@ -107,3 +107,17 @@ def test_one_compile_serves_every_seed():
 def test_autotune_bucket(n, bucket):
     from fusedcnn.triton_kernels._common import autotune_bucket
     assert autotune_bucket(n) == bucket
+
+
+def test_cuda_rows_use_the_build_s_own_nvcc_command():
+    """The CUDA half compiles with setup.py's command (same flags and includes), for SASS of the asked
+    architectures only, with ptxas' report on."""
+    setup = compile_check.build_script()
+    assert setup is not None   # the tests run from a checkout
+    src = os.path.join(compile_check.ROOT, "csrc", "conv", "conv_cuda.cu")
+    cmd = compile_check.nvcc_command(src, "k.o", "/opt/cuda-x", ["sm_80", "sm_90"])
+    built = setup.nvcc_command(src, "k.o", arch_list="8.0;9.0", cuda_home="/opt/cuda-x")
+    assert cmd == built + ["-Xptxas", "-v"]
+    gencode = sorted(f for f in cmd if f.startswith("-gencode"))
+    assert gencode == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    assert cmd[0] == "/opt/cuda-x/bin/nvcc" and "-O3" in cmd

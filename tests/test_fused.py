@@ -789,3 +789,37 @@ def test_linear_tiles_fit_shared_memory(monkeypatch, limit, cc):
             cfg = fused._linear_tiles(4096, elem, a_grad, torch.device("cpu"))
             assert cfg.num_stages >= 3
             assert conv.smem_bytes(cfg, elem, cc, y_tile=a_grad, staged_a=a_grad, scratch=True) <= limit
+
+
+@needs_triton
+@pytest.mark.parametrize("limit, cc", [(166_912, 8), (232_448, 9)], ids=["sm_80", "sm_90"])
+def test_conv_pruning_keeps_only_tiles_that_compiled_without_spills(monkeypatch, limit, cc):
+    """The conv kernels' pruning on a GPU (the GPU config list, the device's limits) for VGG's conv2 (64 -> 64):
+    the fused hooks keep tiles whose operand tile is <= 64 B per thread, float32 with TF32 off under a hook only
+    the 64x64x16 tile (which nothing else launches), and every kept tile fits shared memory -- the rules
+    `fusedcnn compile-check --full` confirmed (0 spills on both architectures)."""
+    from fusedcnn.triton_kernels import conv
+    monkeypatch.setattr(conv, "_smem_limit", lambda device: (limit, cc))
+
+    def kept(kernel, dtype, **hooks):
+        args = dict(X_ptr=torch.empty(0, dtype=dtype), G_ptr=torch.empty(0, dtype=dtype), Cout_g=64, Cg=64, Kg=576)
+        return conv._prune(kernel, None, "Cout_g" if kernel == "fwd" else "Cg",
+                           "X_ptr" if kernel == "fwd" else "G_ptr")(conv._GPU_CONFIGS, args, **hooks)
+
+    def tiles(configs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in configs}
+
+    def a_bytes(c, elem):
+        return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * elem // (32 * c.num_warps)
+
+    plain16 = tiles(kept("fwd", torch.bfloat16, MODE=0, PREC="ieee"))
+    fused16 = kept("fwd", torch.bfloat16, MODE=0, PREC="ieee", PROLOGUE=True, STATS=True)
+    assert fused16 and all(a_bytes(c, 2) <= 64 for c in fused16)
+    assert (128, 64, 32, 4) in tiles(fused16) and (128, 64, 64, 4) not in tiles(fused16)
+    assert all(bk >= 32 for _, _, bk, _ in plain16)
+    for kernel, hooks in (("fwd", dict(PROLOGUE=True, STATS=True)), ("dgrad", dict(GRAD_AFFINE=True, PROLOGUE=True))):
+        assert tiles(kept(kernel, torch.float32, MODE=0, PREC="ieee", **hooks)) == {(64, 64, 16, 4)}
+        tf32 = kept(kernel, torch.float32, MODE=0, PREC="tf32", **hooks)
+        assert tf32 and all(a_bytes(c, 4) <= 64 and c.kwargs["BLOCK_K"] == 32 for c in tf32)
+    for configs, elem in ((fused16, 2), (kept("dgrad", torch.float32, PREC="ieee", GRAD_AFFINE=True), 4)):
+        assert all(conv.smem_bytes(c, elem, cc) <= limit for c in configs)

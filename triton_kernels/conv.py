@@ -89,22 +89,22 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 
-if INTERPRET:
-    _GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1, group_m=2)]
-else:
-    _GEMM_CONFIGS = [
-        # Hopper
-        _cfg(128, 128, 64, 8, 3),
-        _cfg(128, 256, 64, 8, 3),
-        _cfg(256, 128, 64, 8, 3),
-        _cfg(128, 64, 64, 4, 4),
-        _cfg(256, 64, 64, 8, 3),
-        _cfg(64, 128, 64, 4, 4),
-        # Ampere
-        _cfg(128, 128, 32, 4, 4),
-        _cfg(128, 64, 32, 4, 4),
-        _cfg(64, 64, 32, 4, 4),
-    ]
+_GPU_CONFIGS = [
+    # Hopper
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(256, 64, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+    # Ampere
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
+    # float32 with TF32 off under the fused hooks only (_registers_fit)
+    _cfg(64, 64, 16, 4, 4),
+]
+_GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1, group_m=2)] if INTERPRET else _GPU_CONFIGS
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)   # sizes the per-tile statistics partials
 
 
@@ -164,23 +164,45 @@ def _prune(kernel: str, m_arg: str | None, n_arg: str | None, ptr_arg: str):
         flags = hook_smem_flags(kernel, kwargs)
         mode = kwargs.get("MODE", MODE_TILED)
         fits = [c for c in configs if smem_bytes(c, t.element_size(), cc_major, **flags) <= limit
-                and _registers_fit(kernel, c, t.element_size(), mode, named_args)] or configs
+                and _registers_fit(kernel, c, t.element_size(), mode, named_args, kwargs)] or configs
         kept = [c for c in fits if c.kwargs["BLOCK_N"] <= n and (m is None or c.kwargs["BLOCK_M"] <= m)]
         return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
 
 
-def _registers_fit(kernel: str, config: triton.Config, elem_size: int, mode: int, named_args) -> bool:
-    """Configs the compile check (`fusedcnn compile-check`) found spilling registers are not launched:
-    float32 operand tiles of BLOCK_K 64 (twice a 16-bit tile's registers: the Hopper configs spill at 255
-    registers, TF32 or not), and in the forward's "flat" K loop (MODE 1: (kh, kw, c) decoded per element of the
-    [BLOCK_M, BLOCK_K] tile) BLOCK_K beyond the reduction it has (Kg = 27 for VGG's first layer: one 32-wide
-    step) and BLOCK_M over 64 (128 x 64 x 32 spilled 180-624 B)."""
-    bk = config.kwargs["BLOCK_K"]
+def _registers_fit(kernel: str, config: triton.Config, elem_size: int, mode: int, named_args, hooks: dict) -> bool:
+    """Configs that `fusedcnn compile-check` (the full matrix, sm_80 and sm_90) found spilling registers are not
+    launched. What spills is the [BLOCK_M, BLOCK_K] operand tile each thread holds in registers, in bytes per
+    thread a_bytes = BLOCK_M * BLOCK_K * elem_size / (32 * num_warps):
+    - float32 tiles of BLOCK_K 64 (twice a 16-bit tile's registers: the Hopper configs spill at 255, TF32 or not);
+    - the forward's "flat" K loop (MODE 1: (kh, kw, c) decoded per element of the tile): BLOCK_K beyond the
+      reduction it has (Kg = 27 for VGG's first layer: one 32-wide step), BLOCK_M over 64;
+    - the fused hooks of the forward and dgrad (PROLOGUE / STATS / GRAD_AFFINE: the tile, and the y tile beside
+      it, normalised in float32 registers before the dot): a_bytes over 64 (128x64x64 and 256x64x64 16-bit,
+      128x64x32 float32 spilled 8-144 B); float32 with TF32 off (the FMA dot) under any hook, the weight
+      gradient's included: a_bytes over 32 (64x64x32 spilled 12-480 B on sm_80), which only the 64x64x16 tile
+      meets -- that tile is for this case alone;
+    - BLOCK_N 64 tiles of the forward and dgrad (the warps tile M, each thread holds more of A): a_bytes over 64
+      (128x64x64 16-bit, 128x64x32 float32 spilled 4-144 B without hooks)."""
+    kw = config.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    a_bytes = bm * bk * elem_size // (32 * config.num_warps)
+    gemm = kernel in ("fwd", "dgrad")
+    any_hook = any(hooks.get(h) for h in ("PROLOGUE", "STATS", "GRAD_AFFINE"))
+    hooked = gemm and any_hook
+    fma = elem_size >= 4 and hooks.get("PREC") == "ieee" and any_hook
+    if bk < 32:
+        return fma
     if elem_size >= 4 and bk > 32:
         return False
     if kernel == "fwd" and mode == MODE_FLAT:
-        return bk <= max(16, triton.next_power_of_2(int(named_args["Kg"]))) and config.kwargs["BLOCK_M"] <= 64
+        return bk <= max(16, triton.next_power_of_2(int(named_args["Kg"]))) and bm <= 64
+    if fma:
+        return a_bytes <= 32
+    if hooked:
+        return a_bytes <= 64
+    if gemm and bn <= 64:
+        return a_bytes <= 64
     return True
 
 

@@ -367,43 +367,26 @@ def _compile(launch: Launch) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The CUDA extension: nvcc -Xptxas -v as setup.py builds it
 # ----------------------------------------------------------------------------------------------------
-def find_cuda_home() -> str | None:
-    """The toolkit root, found as setup.py finds it (CUDA_HOME / CUDA_PATH, else `nvcc --dryrun`'s TOP=)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.isdir(os.environ[var]):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
-        m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
-        if m:
-            return os.path.realpath(m.group(1))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+def build_script():
+    """The checkout's setup.py, imported by path (it builds nothing on import): the nvcc command, toolkit root and
+    -gencode flags come from the build itself, so this check cannot drift from it. None outside a checkout (an
+    installed fusedcnn has no csrc/ to compile either)."""
+    import importlib.util
+    path = os.path.join(ROOT, "setup.py")
+    if not os.path.exists(path) or not os.path.isdir(os.path.join(ROOT, "csrc")):
+        return None
+    spec = importlib.util.spec_from_file_location("_fusedcnn_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def nvcc_command(source: str, obj: str, cuda_home: str, arches) -> list[str]:
-    """setup.py's nvcc command for one source (torch's CUDAExtension flags, setup.py's -O3 flags and include
-    directories, its -gencode targets), with -Xptxas -v."""
-    import nvidia
-    import torch
-    os.environ.setdefault("CUDA_HOME", cuda_home)   # as setup.py: read when cpp_extension is imported
-    from torch.utils import cpp_extension as ce
-    includes = [os.path.join(ROOT, "csrc")]
-    for base in getattr(nvidia, "__path__", []):
-        includes += sorted(d for d in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(d))
-    includes += ce.include_paths() + [os.path.join(cuda_home, "include")]
-    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in arches]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ([os.path.join(cuda_home, "bin", "nvcc"), "-c", source, "-o", obj]
-            + [f"-I{d}" for d in includes]
-            + ["-DFUSEDCNN_WITH_CUDA=1", *ce.COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC",
-               "-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-            + gencode + ["-Xptxas", "-v"])
+    """setup.py's nvcc command for one source and these architectures (SASS only: "sm_90" -> "9.0"), with
+    -Xptxas -v."""
+    arch_list = ";".join(f"{a[3:-1]}.{a[-1]}" for a in arches)
+    return build_script().nvcc_command(source, obj, arch_list=arch_list, extra_flags=["-Xptxas", "-v"],
+                                       cuda_home=cuda_home)
 
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
@@ -479,7 +462,12 @@ def _compile_cuda(job) -> list[dict]:
 
 
 def cuda_jobs(arches) -> list:
-    cuda_home = find_cuda_home()
+    setup = build_script()
+    if setup is None:
+        sys.stderr.write("fusedcnn compile-check: no setup.py / csrc/ next to this fusedcnn (not a checkout): "
+                         "CUDA rows skipped\n")
+        return []
+    cuda_home = setup.find_cuda_home()
     if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return []
     cache = os.path.join(os.path.expanduser("~"), ".cache", "fusedcnn", "compile-check")
