@@ -113,7 +113,8 @@ def test_cuda_rows_use_the_build_s_own_nvcc_command():
     """The CUDA half compiles with setup.py's command (same flags and includes), for SASS of the asked
     architectures only, with ptxas' report on."""
     setup = compile_check.build_script()
-    assert setup is not None   # the tests run from a checkout
+    if setup is None:   # e.g. the oldest-versions environment: fusedcnn installed from a copy, not this checkout
+        pytest.skip("fusedcnn is not imported from a checkout (no setup.py / csrc/ next to it)")
     src = os.path.join(compile_check.ROOT, "csrc", "conv", "conv_cuda.cu")
     cmd = compile_check.nvcc_command(src, "k.o", "/opt/cuda-x", ["sm_80", "sm_90"])
     built = setup.nvcc_command(src, "k.o", arch_list="8.0;9.0", cuda_home="/opt/cuda-x")
