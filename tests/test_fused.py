@@ -354,7 +354,7 @@ def test_linear_relu_dropout(dtype, p):
     x = randn(5, 20, dtype=dtype)
     g = torch.randn(5, 18)
     torch.manual_seed(7)
-    seed = fusedcnn.common.draw_seed()
+    seed = int(fusedcnn.common.draw_seed())  # 0-dim int64 tensor
     torch.manual_seed(7)  # the module draws the same seed from the default CPU generator
     y, gx = _run(m, x, g)
     keep = _keep_mask(seed, (5, 18), p)

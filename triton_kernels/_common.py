@@ -12,7 +12,7 @@ from fusedcnn.common import dense_format, is_channels_last, triton_interpreted  
 # element a kernel forgets to write fails the comparison.
 _POISON = os.environ.get("FUSEDCNN_POISON", "0") == "1"
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Triton kernels run on CPU tensors (the interpreter) exactly when TRITON_INTERPRET=1 was set before triton was
 # imported; decided once here for every launcher.
@@ -20,6 +20,12 @@ INTERPRET = triton_interpreted()
 # The interpreter's tl.dot mis-reads bfloat16 operands (Triton 3.8): there, operands are widened to fp32 first
 # (exact: a product of two 16-bit floats fits fp32, which is also what the tensor cores accumulate in).
 _WIDEN_DOT = tl.constexpr(INTERPRET)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate a tensor of `dtype` in, and the dtype of their per-channel vectors (scale, shift,
+    bias, statistics) and partial sums: float64 for float64, else float32 (fusedcnn.common.accumulation_dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def new_output(shape, like: torch.Tensor, dtype=None, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -39,11 +45,13 @@ def check_tensor(t: torch.Tensor, name: str, *, ndim: int | None = None, dtypes=
         raise TypeError(f"{name} must be one of {', '.join(str(d) for d in dtypes)}, got {t.dtype}")
 
 
-def check_vector(v: torch.Tensor, name: str, n: int) -> None:
-    """v must be a contiguous float32 (n,) tensor (per-channel scale, shift, bias or statistics gradient)."""
-    check_tensor(v, name, ndim=1, dtypes=(torch.float32,))
+def check_vector(v: torch.Tensor, name: str, n: int, dtype: torch.dtype = torch.float32) -> None:
+    """v must be a contiguous (n,) tensor of `dtype` (per-channel scale, shift, bias or statistics gradient: float32,
+    float64 for float64 input, see acc_dtype)."""
+    check_tensor(v, name, ndim=1, dtypes=(dtype,))
     if v.numel() != n or not v.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 vector of {n} elements, got shape {tuple(v.shape)}")
+        what = str(dtype).split(".")[-1]
+        raise ValueError(f"{name} must be a contiguous {what} vector of {n} elements, got shape {tuple(v.shape)}")
 
 
 # Set only by fusedcnn.compile_check, which calls the launchers on meta tensors and records their launches
@@ -124,11 +132,31 @@ def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def to_acc(v):
+    """v in the dtype the kernels compute in: float64 stays float64, every other float becomes float32."""
+    if v.dtype == tl.float64:
+        return v
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def acc_zeros(shape, PTR):
+    """Zeros of `shape` in the accumulation dtype of the tensor PTR points to (float64 for float64, else float32)."""
+    return to_acc(tl.zeros(shape, dtype=PTR.dtype.element_ty))
+
+
+@triton.jit
 def mma(a, b, acc, PREC: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; fp32 operands go through TF32 or IEEE products per PREC."""
-    if _WIDEN_DOT:
+    """acc + a @ b, accumulated in acc's dtype: float32, or float64 for float64 operands (the FP64 MMA of sm_80+,
+    where PREC does not apply); fp32 operands go through TF32 or IEEE products per PREC. (if/else, not an early
+    return: Triton 3.6 also compiles the statements after a taken compile-time `if ...: return`.)"""
+    if a.dtype == tl.float64:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+    elif _WIDEN_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -154,6 +182,6 @@ def relu_passes(pre):
 
 @triton.jit
 def bn_relu(v, s, t):
-    """relu(v * s + t) in fp32; NaN propagates as in torch.relu."""
-    pre = v.to(tl.float32) * s + t
+    """relu(v * s + t) in fp32 (float64 for float64 v, s, t); NaN propagates as in torch.relu."""
+    pre = to_acc(v) * s + t
     return tl.where(pre <= 0.0, 0.0, pre)

@@ -1,4 +1,4 @@
-"""ReLU kernels. x: any shape, float32|float16|bfloat16, any memory format that is dense."""
+"""ReLU kernels. x: any shape, float32|float64|float16|bfloat16, any memory format that is dense."""
 import torch
 import triton
 import triton.language as tl

@@ -1,7 +1,9 @@
 """BatchNorm2d (+ReLU) kernels. The math and the pass structure: python/fusedcnn/ops/batchnorm.py.
 
-x, grad_out: (N, C, H, W) float32|float16|bfloat16, NCHW or NHWC, read in place through strides.
-mean, var, invstd, sum_dy, sum_dy_xmu: (C,) float32; all arithmetic in float32.
+x, grad_out: (N, C, H, W) float32|float64|float16|bfloat16, NCHW or NHWC, read in place through strides.
+mean, var, invstd, sum_dy, sum_dy_xmu: (C,) float32, all arithmetic in float32 (float64 for float64 x).
+An empty batch (N*H*W = 0, DDP's uneven last batch) has mean = var = 0: a count of 0 weighs nothing in a merge
+across processes, and finite statistics give the zero affine gradients torch gives; backward_elemt takes count 0.
 
 Every kernel walks x as P planes of R rows of C channels, element (p, r, c) at p*PS + r*RS + c*CS:
   NCHW: P = N, R = H*W, PS = C*H*W, RS = 1, CS = H*W   (tiles (BLOCK_R, 1): contiguous runs of one channel)
@@ -22,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GRID_YZ_MAX, check_tensor, device_guard, is_channels_last, new_output
+from ._common import (GRID_YZ_MAX, acc_dtype, acc_zeros, check_tensor, device_guard, is_channels_last, new_output,
+                      to_acc)
 
 TARGET_PROGRAMS = 2048  # per launch on a GPU (~16 per SM on an H100): enough to saturate memory bandwidth
 NCHW_BLOCK_R = 2048     # values of one channel per tile (NCHW)
@@ -58,11 +61,12 @@ def _per_channel(v, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _tile_zeros(BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_zeros(PTR, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Zeros of a _tile's shape in the accumulation dtype of PTR's tensor."""
     if BLOCK_C == 1:
-        return tl.zeros((BLOCK_R,), dtype=tl.float32)
+        return acc_zeros((BLOCK_R,), PTR)
     else:
-        return tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        return acc_zeros((BLOCK_R, BLOCK_C), PTR)
 
 
 @triton.jit
@@ -83,20 +87,20 @@ def _program_range(q, P, R, PG, CHUNK, n_rchunks):
 
 @triton.jit
 def _load_channel_vec(PTR, cols, cmask, BLOCK_C: tl.constexpr):
-    """A (C,) float32 per-channel vector, loaded for this program's channel block."""
+    """A (C,) per-channel vector (the accumulation dtype), loaded for this program's channel block."""
     return _per_channel(tl.load(PTR + cols, mask=cmask, other=0.0), BLOCK_C)
 
 
 @triton.jit
 def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial (mean, M2) of program q's values per channel: MEAN/M2 (Q, C) float32."""
+    """Partial (mean, M2) of program q's values per channel: MEAN/M2 (Q, C) float32 (float64 for float64 x)."""
     q = tl.program_id(0)
     cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
     p_start, p_end, r_start, r_end = _program_range(q, P, R, PG, CHUNK, n_rchunks)
-    n = tl.zeros((), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    n = acc_zeros((), X_ptr)
+    mean = acc_zeros((BLOCK_C,), X_ptr)
+    m2 = acc_zeros((BLOCK_C,), X_ptr)
     # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
     # the divisibility of CHUNK and PS, and vectorizes the loads.
     for j in range(0, p_end - p_start):
@@ -104,8 +108,8 @@ def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_
         for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
             r0 = r_start + t * BLOCK_R
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
-            x = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            nb = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
+            x = to_acc(tl.load(X_ptr + offs, mask=m, other=0.0))
+            nb = tl.minimum(r_end - r0, BLOCK_R).to(n.dtype)
             bmean = tl.sum(x, axis=0) / nb
             d = tl.where(m, x - _per_channel(bmean, BLOCK_C), 0.0)
             bm2 = tl.sum(d * d, axis=0)
@@ -122,20 +126,21 @@ def _bn_stats_kernel(X_ptr, MEAN_ptr, M2_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_
 @triton.jit
 def _bn_combine_kernel(PMEAN_ptr, PM2_ptr, MEAN_ptr, VAR_ptr, Q, C, P, R, PG, CHUNK, n_rchunks,
                        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The tiny combine: merge the (Q, C) partials of _bn_stats_kernel into mean, biased var: (C,) float32.
+    """The tiny combine: merge the (Q, C) partials of _bn_stats_kernel into mean, biased var: (C,), the partials'
+    dtype.
     Partial q covers min(PG, P - pg*PG) planes x min(CHUNK, R - rc*CHUNK) rows (pg, rc = divmod(q, n_rchunks));
     tiles of BLOCK_Q partials are merged exactly (weighted mean, M2 + n (mean_q - mean)^2), tiles by Chan."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    n = tl.zeros((), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    n = acc_zeros((), PMEAN_ptr)
+    mean = acc_zeros((BLOCK_C,), PMEAN_ptr)
+    m2 = acc_zeros((BLOCK_C,), PMEAN_ptr)
     for q0 in range(0, Q, BLOCK_Q):
         qs = q0 + tl.arange(0, BLOCK_Q)
         qmask = qs < Q
         planes = tl.minimum(PG, P - (qs // n_rchunks) * PG)
         rows = tl.minimum(CHUNK, R - (qs % n_rchunks) * CHUNK)
-        cnt_q = tl.where(qmask, planes.to(tl.float32) * rows.to(tl.float32), 0.0)
+        cnt_q = tl.where(qmask, planes.to(n.dtype) * rows.to(n.dtype), 0.0)
         nb = tl.sum(cnt_q, axis=0)  # a scalar: the same for every channel
         cnt = cnt_q[:, None]
         offs = qs.to(tl.int64)[:, None] * C + cols[None, :]
@@ -157,7 +162,7 @@ def _bn_combine_kernel(PMEAN_ptr, PM2_ptr, MEAN_ptr, VAR_ptr, Q, C, P, R, PG, CH
 @triton.jit
 def _bn_apply_kernel(X_ptr, Y_ptr, MEAN_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                      RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = relu?((x - mean) * a + b), mean, a, b: (C,) float32; y has x's strides."""
+    """y = relu?((x - mean) * a + b), mean, a, b: (C,) float32 (float64 for float64 x); y has x's strides."""
     q = tl.program_id(0)
     cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
     mean = _load_channel_vec(MEAN_ptr, cols, cmask, BLOCK_C)
@@ -171,7 +176,7 @@ def _bn_apply_kernel(X_ptr, Y_ptr, MEAN_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, 
         for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
             r0 = r_start + t * BLOCK_R
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
-            y = (tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean) * a + b
+            y = (to_acc(tl.load(X_ptr + offs, mask=m, other=0.0)) - mean) * a + b
             if RELU:
                 y = tl.where(y <= 0.0, 0.0, y)  # NaN <= 0 is false: NaN propagates
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=m)
@@ -181,15 +186,16 @@ def _bn_apply_kernel(X_ptr, Y_ptr, MEAN_ptr, A_ptr, B_ptr, P, R, C, PS, RS, CS, 
 def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SDYX_ptr,
                                P, R, C, PS, RS, CS, PG, CHUNK, n_rchunks,
                                RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial sum(g') and sum(g' * (x - mean)) per channel, g' = g * ((x - mean)*a + b > 0 if RELU): (Q, C) float32."""
+    """Partial sum(g') and sum(g' * (x - mean)) per channel, g' = g * ((x - mean)*a + b > 0 if RELU): (Q, C) float32
+    (float64 for float64 x)."""
     q = tl.program_id(0)
     cols, cmask, cols_off = _program_channels(C, CS, BLOCK_C)
     mean = _load_channel_vec(MEAN_ptr, cols, cmask, BLOCK_C)
     a = _load_channel_vec(A_ptr, cols, cmask, BLOCK_C)
     b = _load_channel_vec(B_ptr, cols, cmask, BLOCK_C)
     p_start, p_end, r_start, r_end = _program_range(q, P, R, PG, CHUNK, n_rchunks)
-    sdy = _tile_zeros(BLOCK_R, BLOCK_C)
-    sdyx = _tile_zeros(BLOCK_R, BLOCK_C)
+    sdy = _tile_zeros(X_ptr, BLOCK_R, BLOCK_C)
+    sdyx = _tile_zeros(X_ptr, BLOCK_R, BLOCK_C)
     # Loops counted from 0 (not `range(r_start, r_end, BLOCK_R)`): Triton then knows r0 and base keep
     # the divisibility of CHUNK and PS, and vectorizes the loads.
     for j in range(0, p_end - p_start):
@@ -197,8 +203,8 @@ def _bn_backward_reduce_kernel(G_ptr, X_ptr, MEAN_ptr, A_ptr, B_ptr, SDY_ptr, SD
         for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
             r0 = r_start + t * BLOCK_R
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
-            xm = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean
-            g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            xm = to_acc(tl.load(X_ptr + offs, mask=m, other=0.0)) - mean
+            g = to_acc(tl.load(G_ptr + offs, mask=m, other=0.0))
             if RELU:
                 g = tl.where(xm * a + b > 0.0, g, 0.0)
             sdy += g
@@ -229,8 +235,8 @@ def _bn_backward_elemt_kernel(G_ptr, X_ptr, DX_ptr, MEAN_ptr, A_ptr, B_ptr, K1_p
         for t in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
             r0 = r_start + t * BLOCK_R
             offs, m = _tile(base, r0, r_end, RS, cols_off, cmask, BLOCK_R, BLOCK_C)
-            xm = tl.load(X_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean
-            g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            xm = to_acc(tl.load(X_ptr + offs, mask=m, other=0.0)) - mean
+            g = to_acc(tl.load(G_ptr + offs, mask=m, other=0.0))
             if RELU:
                 g = tl.where(xm * a + b > 0.0, g, 0.0)
             tl.store(DX_ptr + offs, (k1 * g + k2 * xm + k3).to(DX_ptr.dtype.element_ty), mask=m)
@@ -294,7 +300,7 @@ def _check_vec(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be on {x.device}, got {t.device}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating-point, got {t.dtype}")
-    return t.float().contiguous()
+    return t.to(acc_dtype(x.dtype)).contiguous()
 
 
 def _grad_like(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -306,8 +312,8 @@ def _grad_like(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _coefs(x, mean, invstd, weight, bias):
-    """Per-channel a = weight * invstd, b = bias (float32): y = (x - mean) * a + b. (Not x * a + (b - mean * a):
-    that cancels catastrophically when |mean| >> std.)"""
+    """Per-channel a = weight * invstd, b = bias (float32, float64 for float64 x): y = (x - mean) * a + b. (Not
+    x * a + (b - mean * a): that cancels catastrophically when |mean| >> std.)"""
     mean, invstd = _check_vec(mean, x, "mean"), _check_vec(invstd, x, "invstd")
     a = invstd if weight is None else _check_vec(weight, x, "weight") * invstd
     b = torch.zeros_like(mean) if bias is None else _check_vec(bias, x, "bias")
@@ -319,16 +325,17 @@ def _like_x(x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (N, C, H, W) -> (mean, biased var): (C,) float32."""
+    """x: (N, C, H, W) -> (mean, biased var): (C,) float32 (float64 for float64 x); 0, 0 for an empty batch."""
     x = _check_x(x)
     c = x.shape[1]
+    acc = acc_dtype(x.dtype)
     if x.numel() == 0:
-        nan = torch.full((c,), float("nan"), device=x.device)
-        return nan, nan.clone()
+        zero = torch.zeros((c,), device=x.device, dtype=acc)
+        return zero, zero.clone()
     walk = _Walk(x)
-    pmean = torch.empty((walk.Q, c), device=x.device, dtype=torch.float32)
+    pmean = torch.empty((walk.Q, c), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
-    mean = torch.empty(c, device=x.device, dtype=torch.float32)
+    mean = torch.empty(c, device=x.device, dtype=acc)
     var = torch.empty_like(mean)
     block_c = min(64, triton.next_power_of_2(c))
     with device_guard(x):
@@ -352,15 +359,15 @@ def batch_norm_apply(x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
 
 
 def batch_norm_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_dy, sum_dy_xmu): (C,) float32 over the ReLU-masked grad_out."""
+    """(sum_dy, sum_dy_xmu): (C,) float32 (float64 for float64 x) over the ReLU-masked grad_out."""
     x = _check_x(x)
     g = _grad_like(grad_out, x)
     mean, _, a, b = _coefs(x, mean, invstd, weight, bias)
     c = x.shape[1]
     if x.numel() == 0:
-        return torch.zeros(c, device=x.device), torch.zeros(c, device=x.device)
+        return torch.zeros(c, device=x.device, dtype=mean.dtype), torch.zeros(c, device=x.device, dtype=mean.dtype)
     walk = _Walk(x)
-    psdy = torch.empty((walk.Q, c), device=x.device, dtype=torch.float32)
+    psdy = torch.empty((walk.Q, c), device=x.device, dtype=mean.dtype)
     psdyx = torch.empty_like(psdy)
     with device_guard(x, g, mean, a, b):
         _bn_backward_reduce_kernel[walk.grid](g, x, mean, a, b, psdy, psdyx, *walk.args(), RELU=relu,
@@ -371,14 +378,14 @@ def batch_norm_backward_reduce(grad_out, x, mean, invstd, weight, bias, relu: bo
 def batch_norm_backward_elemt(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count: float,
                       relu: bool) -> torch.Tensor:
     """dx = k1 * g' + k2 * (x - mean) + k3 with k1 = weight * invstd and, in training (sum_dy given),
-    k2 = -k1 * invstd^2 * sum_dy_xmu / count, k3 = -k1 * sum_dy / count (else k2 = k3 = 0)."""
+    k2 = -k1 * invstd^2 * sum_dy_xmu / count, k3 = -k1 * sum_dy / count (else, and for an empty x, k2 = k3 = 0)."""
     x = _check_x(x)
     g = _grad_like(grad_out, x)
     mean, invstd, a, b = _coefs(x, mean, invstd, weight, bias)
     k1 = a
     if (sum_dy is None) != (sum_dy_xmu is None):
         raise ValueError("sum_dy and sum_dy_xmu must be given together (training) or both None (eval)")
-    if sum_dy is not None:
+    if sum_dy is not None and x.numel():   # an empty x has no dx to compute (count may be 0)
         if not count > 0:
             raise ValueError(f"count must be positive, got {count}")
         sum_dy, sum_dy_xmu = _check_vec(sum_dy, x, "sum_dy"), _check_vec(sum_dy_xmu, x, "sum_dy_xmu")

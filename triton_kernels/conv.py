@@ -6,11 +6,12 @@ Tensors (NCHW or channels_last, any strides). The kernels compute in NHWC: an op
 (x, grad_out, conv_bn_relu's y) is converted once by the launcher (_nhwc) and the result converted back to x's
 format, rather than gathered through NCHW strides in every tile (those gathers spilled registers); the small
 weight is handed to the kernels channels_last, a no-op when it already is, see _kernel_weight:
-    x:        (N, C_in, H, W)                float32|float16|bfloat16
+    x:        (N, C_in, H, W)                float32|float64|float16|bfloat16
     weight:   (C_out, C_in/groups, KH, KW)   same dtype
-    bias:     (C_out,) or None               same dtype (conv2d) | float32 (conv_bn_relu)
+    bias:     (C_out,) or None               same dtype (conv2d) | float32, float64 for float64 x (conv_bn_relu)
     y, grad_out: (N, C_out, P, Q)            P = (H + 2*ph - dh*(KH-1) - 1) // sh + 1, Q likewise
-Accumulation is always float32; float32 inputs go through TF32 tensor cores exactly when
+Accumulation is float32 (float64 for float64 inputs, on the FP64 MMA; every per-channel vector, statistic and
+workspace named float32 below is then float64 too); float32 inputs go through TF32 tensor cores exactly when
 torch.backends.cudnn.allow_tf32 is True (as cuDNN does), else through IEEE fp32 dot products.
 
 Per group g (Cg = C_in/groups, Cout_g = C_out/groups, Kg = Cg*KH*KW), the three products are GEMMs:
@@ -67,8 +68,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, autotune_bucket, bn_relu, check_device, check_tensor, check_vector, dense_format,
-                      device_guard, mma, new_output, pixel_offsets, relu_passes, split_pixels, tile_ids)
+from ._common import (INTERPRET, acc_dtype, acc_zeros, autotune_bucket, bn_relu, check_device, check_tensor,
+                      check_vector, dense_format, device_guard, mma, new_output, pixel_offsets, relu_passes,
+                      split_pixels, tile_ids, to_acc)
 
 ALGOS = ("auto", "implicit_gemm", "im2col")
 MODE_TILED, MODE_FLAT, MODE_COL = 0, 1, 2
@@ -103,7 +105,10 @@ _GPU_CONFIGS = [
     _cfg(64, 64, 32, 4, 4),
     # float32 with TF32 off under the fused hooks only (_registers_fit)
     _cfg(64, 64, 16, 4, 4),
+    # float64 only (_registers_fit): the FP64 MMA's 64x64 accumulator over 8 warps
+    _cfg(64, 64, 32, 8, 3),
 ]
+_FP64_TILE = (64, 64, 32, 8)   # (BLOCK_M, BLOCK_N, BLOCK_K, warps) of the float64 config
 _GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1, group_m=2)] if INTERPRET else _GPU_CONFIGS
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)   # sizes the per-tile statistics partials
 
@@ -183,9 +188,17 @@ def _registers_fit(kernel: str, config: triton.Config, elem_size: int, mode: int
       gradient's included: a_bytes over 32 (64x64x32 spilled 12-480 B on sm_80), which only the 64x64x16 tile
       meets -- that tile is for this case alone;
     - BLOCK_N 64 tiles of the forward and dgrad (the warps tile M, each thread holds more of A): a_bytes over 64
-      (128x64x64 16-bit, 128x64x32 float32 spilled 4-144 B without hooks)."""
+      (128x64x64 16-bit, 128x64x32 float32 spilled 4-144 B without hooks).
+    float64 runs the one 64x64x32 8-warp tile, and nothing else does: of ten tiles compiled for every kernel, hook
+    and mode (fp64, VGG's conv1/2/5, sm_80 and sm_90), it is the largest that never spilled (64x64x32 and 64x64x16
+    at 4 warps spilled 4-136 B in the fused forward and dgrad; without this rule fp64 fell back to every config,
+    256x64x64 included, which spilled 1180 B)."""
     kw = config.kwargs
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    if (elem_size >= 8) != ((bm, bn, bk, config.num_warps) == _FP64_TILE):
+        return False
+    if elem_size >= 8:
+        return True
     a_bytes = bm * bk * elem_size // (32 * config.num_warps)
     gemm = kernel in ("fwd", "dgrad")
     any_hook = any(hooks.get(h) for h in ("PROLOGUE", "STATS", "GRAD_AFFINE"))
@@ -215,7 +228,7 @@ def _even(dim: str, block: str):
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_pair(S_ptr, T_ptr, ch, ok):
-    """(S[ch], T[ch]) as float32, 0 where not ok: a per-channel (scale, shift) or (alpha, beta) pair."""
+    """(S[ch], T[ch]) in S's dtype, 0 where not ok: a per-channel (scale, shift) or (alpha, beta) pair."""
     return tl.load(S_ptr + ch, mask=ok, other=0.0), tl.load(T_ptr + ch, mask=ok, other=0.0)
 
 
@@ -229,14 +242,14 @@ def _normalize(v, s, t, mask):
 @triton.jit
 def _grad_affine(g, yv, ga, gb, mask):
     """GRAD_AFFINE on a gradient tile: g + ga*y + gb where mask, 0 elsewhere, in g's dtype."""
-    return tl.where(mask, g.to(tl.float32) + ga * yv.to(tl.float32) + gb, 0.0).to(g.dtype)
+    return tl.where(mask, to_acc(g) + ga * to_acc(yv) + gb, 0.0).to(g.dtype)
 
 
 @triton.jit
 def _stats_partials(y, row_ok, pid_m, count, cols, col_ok, C, PSUM_ptr, PM2_ptr):
     """STATS epilogue: the tile's per-channel sum and centred M2 of y (rows where row_ok; count of them) into
     row pid_m of the (tiles, C) float32 partials, at columns cols."""
-    v = tl.where(row_ok[:, None], y.to(tl.float32), 0.0)
+    v = tl.where(row_ok[:, None], to_acc(y), 0.0)
     tile_sum = tl.sum(v, axis=0)
     d = tl.where(row_ok[:, None], v - (tile_sum / count)[None, :], 0.0)
     part = pid_m.to(tl.int64) * C + cols
@@ -250,7 +263,7 @@ def _normalize_backward(acc, X_ptr, x_offs, S_ptr, T_ptr, PDS_ptr, PDT_ptr, ch, 
     channels ch (columns). Recomputes pre = x*S + T, returns dL/dx = dL/da * [ReLU passes] * S and writes the
     tile's partial sums of dL/dS = sum(dL/dpre * x), dL/dT = sum(dL/dpre) to row pid_m of (tiles, C) partials."""
     mask = row_ok[:, None] & ch_ok[None, :]
-    x = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    x = to_acc(tl.load(X_ptr + x_offs, mask=mask, other=0.0))
     s, t = _load_pair(S_ptr, T_ptr, ch, ch_ok)
     dpre = tl.where(mask & relu_passes(x * s[None, :] + t[None, :]), acc, 0.0)
     part = pid_m.to(tl.int64) * C + ch
@@ -279,7 +292,7 @@ def _conv_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
-    """X: (N, groups*Cg, H, W) float16|bfloat16|float32, any strides; W: (groups*Cout_g, Cg, KH, KW) X's dtype;
+    """X: (N, groups*Cg, H, W) float16|bfloat16|float32|float64, any strides; W: (groups*Cout_g, Cg, KH, KW) X's dtype;
     B: (groups*Cout_g,) X's dtype or float32; COL: (M, Ktot) im2col buffer (MODE 2); Y: (N, groups*Cout_g, P, Q)
     X's dtype, any strides; S, T: (groups*Cg,) float32 (PROLOGUE); PSUM, PM2: (>= cdiv(M, BLOCK_M),
     groups*Cout_g) float32 (STATS). Grid (tiles of (M, Cout_g), groups)."""
@@ -297,7 +310,7 @@ def _conv_fwd_kernel(
     x_row = img.to(tl.int64) * s_xn + (g * Cg).to(tl.int64) * s_xc        # [BLOCK_M]
     w_col = (g * Cout_g + n_ld).to(tl.int64) * s_wo                        # [BLOCK_N]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_zeros((BLOCK_M, BLOCK_N), X_ptr)
     if MODE == 0:
         c_tiles = tl.cdiv(Cg, BLOCK_K)
         for kk in range(0, KH * KW * c_tiles):
@@ -329,14 +342,14 @@ def _conv_fwd_kernel(
 
     # Epilogue: bias, cast, store through Y's strides (NCHW or NHWC); statistics of the stored values.
     if HAS_BIAS:
-        acc += tl.load(B_ptr + g * Cout_g + n_ld).to(tl.float32)[None, :]
+        acc += to_acc(tl.load(B_ptr + g * Cout_g + n_ld))[None, :]
     y_ptrs = (Y_ptr + pixel_offsets(img, p, q, s_yn, s_yh, s_yw)[:, None]
               + ((g * Cout_g + n_ld).to(tl.int64) * s_yc)[None, :])
     mask = (rm < M)[:, None] & (rn < Cout_g)[None, :]
     y = acc.to(Y_ptr.dtype.element_ty)
     tl.store(y_ptrs, y, mask=mask)
     if STATS:
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
         _stats_partials(y, rm < M, pid_m, count, g * Cout_g + n_ld, rn < Cout_g, Cout_g * tl.num_programs(1),
                         PSUM_ptr, PM2_ptr)
 
@@ -397,7 +410,7 @@ def _conv_dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_CO: tl.constexpr,
 ):
-    """G: (N, groups*Cout_g, P, Q) float16|bfloat16|float32, any strides; W: (groups*Cout_g, Cg, KH, KW) G's
+    """G: (N, groups*Cout_g, P, Q) float16|bfloat16|float32|float64, any strides; W: (groups*Cout_g, Cg, KH, KW) G's
     dtype; DX: (N, groups*Cg, H, W) G's dtype, any strides; Y: like G (GRAD_AFFINE); GA, GB: (groups*Cout_g,)
     float32 (GRAD_AFFINE); X: like DX, S, T: (groups*Cg,) float32, PDS, PDT: (>= cdiv(M, BLOCK_M), groups*Cg)
     float32 (PROLOGUE). Grid (tiles of (M, Cg), groups)."""
@@ -414,7 +427,7 @@ def _conv_dgrad_kernel(
     g_row = img.to(tl.int64) * s_gn                                         # [BLOCK_M]
     w_col = c_ld.to(tl.int64) * s_wc                                        # [BLOCK_N]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_zeros((BLOCK_M, BLOCK_N), G_ptr)
     co_tiles = tl.cdiv(Cout_g, BLOCK_K)
     for kk in range(0, KH * KW * co_tiles):
         r = kk // co_tiles
@@ -507,7 +520,7 @@ def _conv_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_C: tl.constexpr, EVEN_CO: tl.constexpr,
 ):
-    """G: (N, groups*Cout_g, P, Q) float16|bfloat16|float32, any strides; X: (N, groups*Cg, H, W) G's dtype, any
+    """G: (N, groups*Cout_g, P, Q) float16|bfloat16|float32|float64, any strides; X: (N, groups*Cg, H, W) G's dtype, any
     strides; COL: (M, Ktot) (MODE 2); WS: (splits, groups*Cout_g, Cg, KH, KW) contiguous, float32 or G's dtype;
     Y: like G, GA, GB: (groups*Cout_g,) float32 (GRAD_AFFINE); S, T: (groups*Cg,) float32 (PROLOGUE);
     DB: (splits, groups*Cout_g) float32 (DBIAS). Grid (tiles of (Cout_g, columns), splits, groups)."""
@@ -535,11 +548,11 @@ def _conv_wgrad_kernel(
     else:
         s, t = 0.0, 0.0                                                      # unused
     if DBIAS:
-        db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        db = acc_zeros((BLOCK_M,), G_ptr)
 
     k_lo = split * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_zeros((BLOCK_M, BLOCK_N), G_ptr)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         pix = k0 + rk
         pix_ok = pix < k_hi
@@ -551,7 +564,7 @@ def _conv_wgrad_kernel(
                          + pixel_offsets(img, p, q, s_yn, s_yh, s_yw)[None, :], mask=pix_ok[None, :], other=0.0)
             a = _grad_affine(a, yv, ga[:, None], gb[:, None], pix_ok[None, :])
         if DBIAS:
-            db += tl.sum(a.to(tl.float32), axis=1)
+            db += tl.sum(to_acc(a), axis=1)
         b = _wgrad_x_tile(X_ptr, COL_ptr, img, p, q, pix, pix_ok, kh, kw, x_chan, g * Kg + j_ld, s, t, H, W, Ktot,
                           s_xn, s_xh, s_xw, sh, sw, ph, pw, dh, dw, MODE, PROLOGUE)
         acc = mma(a, b, acc, PREC)
@@ -605,21 +618,22 @@ def _bias_grad_kernel(G_ptr, WS_ptr, M, C, PQ, Q, k_chunk, s_gn, s_gc, s_gh, s_g
     chan = rc.to(tl.int64) * s_gc
     k_lo = split * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, M)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)   # reduced once at the end, not per step
+    acc = acc_zeros((BLOCK_P, BLOCK_C), G_ptr)   # reduced once at the end, not per step
     for k0 in range(k_lo, k_hi, BLOCK_P):
         pix = k0 + tl.arange(0, BLOCK_P)
         img, p, q = split_pixels(pix, PQ, Q)
         ptrs = G_ptr + pixel_offsets(img, p, q, s_gn, s_gh, s_gw)[:, None] + chan[None, :]
-        acc += tl.load(ptrs, mask=(pix < k_hi)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc += to_acc(tl.load(ptrs, mask=(pix < k_hi)[:, None] & c_ok[None, :], other=0.0))
     tl.store(WS_ptr + split.to(tl.int64) * C + rc, tl.sum(acc, axis=0), mask=c_ok)
 
 
 @triton.jit
 def _sum_splits_kernel(WS_ptr, OUT_ptr, L, S, BLOCK: tl.constexpr):
-    """OUT[i] = sum_s WS[s, i] (fp32, fixed order), cast to OUT's dtype. WS: (S, L), OUT: (L,) contiguous."""
+    """OUT[i] = sum_s WS[s, i] (WS's dtype: fp32 or fp64, fixed order), cast to OUT's dtype. WS: (S, L), OUT: (L,)
+    contiguous."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = acc_zeros((BLOCK,), WS_ptr)
     for s in range(0, S):
         acc += tl.load(WS_ptr + s * L + offs, mask=mask, other=0.0)
     tl.store(OUT_ptr + offs, acc.to(OUT_ptr.dtype.element_ty), mask=mask)
@@ -680,7 +694,7 @@ def _dgrad_col_gemm_kernel(
     kh = r // KW
     kw = r - kh * KW
     w_col = c * s_wc + kh * s_wh + kw * s_ww                               # [BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_zeros((BLOCK_M, BLOCK_N), G_ptr)
     for co0 in range(0, Cout_g, BLOCK_K):
         co = g * Cout_g + co0 + rk
         a_ptrs = G_ptr + g_row[:, None] + (co.to(tl.int64) * s_gc)[None, :]
@@ -710,7 +724,7 @@ def _col2im_kernel(COL_ptr, DX_ptr, M, H, W, P, Q, C, Cg, KH, KW, Kg, Ktot,
     img, h, w = split_pixels(rm % M, H * W, W)
     g = rc // Cg
     col_c = g * Kg + (rc - g * Cg)                                          # [BLOCK_C], tap (0, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = acc_zeros((BLOCK_M, BLOCK_C), COL_ptr)
     for kh in range(0, KH):
         th = h + ph - kh * dh
         p = tl.maximum(th, 0) // sh
@@ -721,7 +735,7 @@ def _col2im_kernel(COL_ptr, DX_ptr, M, H, W, P, Q, C, Cg, KH, KW, Kg, Ktot,
             ok = m_ok & p_ok & (q * sw == tw) & (q < Q)
             row = ((img.to(tl.int64) * P + p) * Q + q) * Ktot
             ptrs = COL_ptr + row[:, None] + (col_c + (kh * KW + kw) * Cg)[None, :]
-            acc += tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc += to_acc(tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0))
     dx_ptrs = DX_ptr + pixel_offsets(img, h, w, s_dn, s_dh, s_dw)[:, None] + (rc.to(tl.int64) * s_dc)[None, :]
     tl.store(dx_ptrs, acc.to(DX_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
@@ -759,7 +773,7 @@ class _Geometry:
 class _Hooks:
     """Tensors of conv_bn_relu's fusion hooks; a hook whose tensors are None is off (constexpr False).
     in_scale, in_shift: (C_in,) float32 (PROLOGUE); y: the forward's output, g_alpha, g_beta: (C_out,) float32
-    (GRAD_AFFINE)."""
+    (GRAD_AFFINE); float64 instead of float32 for float64 x."""
 
     def __init__(self, in_scale=None, in_shift=None, y=None, g_alpha=None, g_beta=None):
         self.in_scale, self.in_shift, self.y, self.g_alpha, self.g_beta = in_scale, in_shift, y, g_alpha, g_beta
@@ -847,15 +861,17 @@ def _check_conv(x, weight, bias, stride, padding, dilation, groups, algo) -> _Ge
 
 
 def _check_conv_bn_relu(x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups) -> _Geometry:
-    """Validate conv_bn_relu's arguments (bias, in_scale, in_shift: contiguous float32 vectors or None)."""
+    """Validate conv_bn_relu's arguments (bias, in_scale, in_shift: contiguous float32 vectors, float64 for float64
+    x, or None)."""
     _check_tensors(x, weight, None)
+    acc = acc_dtype(x.dtype)
     if bias is not None:
-        check_vector(bias, "bias", weight.shape[0])
+        check_vector(bias, "bias", weight.shape[0], acc)
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
     if in_scale is not None:
-        check_vector(in_scale, "in_scale", x.shape[1])
-        check_vector(in_shift, "in_shift", x.shape[1])
+        check_vector(in_scale, "in_scale", x.shape[1], acc)
+        check_vector(in_shift, "in_shift", x.shape[1], acc)
     check_device(x, weight, bias, in_scale, in_shift)
     geo = _check_geometry(x, weight, stride, padding, dilation, groups, "implicit_gemm")
     if not geo.kernel_fits:
@@ -888,7 +904,7 @@ def _split_k(total: int, out_tiles: int, device: torch.device) -> tuple[int, int
 
 
 def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
-    """out (contiguous, any float dtype) = ws.sum(0) in fp32, ws: (S, *out.shape) fp32 contiguous."""
+    """out (contiguous, any float dtype) = ws.sum(0) in ws's dtype, ws: (S, *out.shape) fp32 (fp64) contiguous."""
     L = out.numel()
     block = 1024 if not INTERPRET else 256
     _sum_splits_kernel[(triton.cdiv(L, block),)](ws, out, L, ws.shape[0], BLOCK=block)
@@ -930,10 +946,11 @@ def _im2col(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
 
 
 def _partials(rows_of: int, cols: int, like: torch.Tensor):
-    """Two (tiles, cols) float32 per-tile partial buffers, tiles counted for the smallest autotuned BLOCK_M."""
+    """Two (tiles, cols) per-tile partial buffers (float32, float64 for float64 `like`), tiles counted for the
+    smallest autotuned BLOCK_M."""
     rows = triton.cdiv(rows_of, _MIN_BLOCK_M)
-    return (new_output((rows, cols), like, dtype=torch.float32),
-            new_output((rows, cols), like, dtype=torch.float32))
+    return (new_output((rows, cols), like, dtype=acc_dtype(like.dtype)),
+            new_output((rows, cols), like, dtype=acc_dtype(like.dtype)))
 
 
 def _tiles_used(kernel, rows_of: int) -> int:
@@ -963,8 +980,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
            dilation, groups: int, algo: str = "auto") -> torch.Tensor:
     """y = conv2d(x, weight, bias).
 
-    x: (N, C_in, H, W) float16|bfloat16|float32, NCHW or NHWC (any strides); weight: (C_out, C_in/groups, KH, KW)
-    x's dtype; bias: (C_out,) x's dtype or None; stride, padding, dilation: [int, int]; algo in ALGOS.
+    x: (N, C_in, H, W) float16|bfloat16|float32|float64, NCHW or NHWC (any strides); weight: (C_out, C_in/groups,
+    KH, KW) x's dtype; bias: (C_out,) x's dtype or None; stride, padding, dilation: [int, int]; algo in ALGOS.
     Returns y: (N, C_out, P, Q) x's dtype, channels_last iff x is."""
     geo = _check_conv(x, weight, bias, stride, padding, dilation, groups, algo)
     fmt = dense_format(x)
@@ -978,9 +995,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
 
 def _combine_stats(psum: torch.Tensor, pm2: torch.Tensor, M: int, block_m: int):
     """Chan's parallel combine of per-tile (sum, centred M2) partials (tiles, C) -> mean, biased var (C,).
-    A fixed order of float32 tensor ops: the same inputs give the same bits on every run."""
+    A fixed order of tensor ops in the partials' dtype: the same inputs give the same bits on every run."""
     tiles = psum.shape[0]
-    counts = torch.full((tiles, 1), float(block_m), dtype=torch.float32, device=psum.device)
+    counts = torch.full((tiles, 1), float(block_m), dtype=psum.dtype, device=psum.device)
     counts[-1] = M - block_m * (tiles - 1)
     mean = psum.sum(0) / M
     m2 = pm2.sum(0) + (counts * (psum / counts - mean) ** 2).sum(0)
@@ -992,12 +1009,12 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """y = conv2d(a, weight, bias, groups=groups), a = relu(x*in_scale[c] + in_shift[c]) if in_scale is given
     (the previous layer's pending BatchNorm + ReLU, applied while loading x; zero padding applies to a) else x.
 
-    x: (N, C_in, H, W) float16|bfloat16|float32, NCHW or NHWC (any strides); weight: (C_out, C_in/groups, KH, KW)
-    x's dtype; bias, in_scale, in_shift: contiguous float32 (C_out,), (C_in,), (C_in,) or None (in_scale and
-    in_shift together); stride, padding, dilation: [int, int].
+    x: (N, C_in, H, W) float16|bfloat16|float32|float64, NCHW or NHWC (any strides); weight: (C_out, C_in/groups,
+    KH, KW) x's dtype; bias, in_scale, in_shift: contiguous float32 (float64 for float64 x) (C_out,), (C_in,), (C_in,)
+    or None (in_scale and in_shift together); stride, padding, dilation: [int, int].
     Returns (y, mean, var): y (N, C_out, P, Q) x's dtype, channels_last iff x is; with compute_stats the batch
-    mean and biased variance per channel of y as stored (float32 (C_out,), NaN for an empty batch), else two
-    empty float32 tensors."""
+    mean and biased variance per channel of y as stored ((C_out,) float32, float64 for float64 x; 0 and 0 for an
+    empty batch, as batch_norm_stats), else two empty tensors of that dtype."""
     geo = _check_conv_bn_relu(x, weight, bias, in_scale, in_shift, stride, padding, dilation, groups)
     fmt = dense_format(x)
     y = new_output((geo.N, geo.Cout, geo.P, geo.Q), x, memory_format=torch.channels_last)
@@ -1010,11 +1027,11 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     else:
         y = y.contiguous(memory_format=fmt)
     if not compute_stats:
-        empty = x.new_empty((0,), dtype=torch.float32)
+        empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
         return y, empty, empty.clone()
     if y.numel() == 0:
-        nan = torch.full((geo.Cout,), float("nan"), dtype=torch.float32, device=x.device)
-        return y, nan, nan.clone()
+        zero = x.new_zeros((geo.Cout,), dtype=acc_dtype(x.dtype))
+        return y, zero, zero.clone()
     tiles = _tiles_used(_conv_fwd_kernel, geo.M_out)
     return (y, *_combine_stats(partials[0][:tiles], partials[1][:tiles], geo.M_out,
                                _conv_fwd_kernel.best_config.kwargs["BLOCK_M"]))
@@ -1048,14 +1065,15 @@ def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
     weight = _kernel_weight(weight)
     if algo == "im2col":
         ktot = geo.groups * geo.Kg
-        # fp32 column gradient: col2im's sum over taps is still part of the fp32 accumulation
-        dcol = new_output((geo.M_out, ktot), x, dtype=torch.float32)
+        # fp32 (fp64) column gradient: col2im's sum over taps is still part of the accumulation
+        dcol = new_output((geo.M_out, ktot), x, dtype=acc_dtype(x.dtype))
         grid = lambda meta: (triton.cdiv(geo.M_out, meta["BLOCK_M"]) * triton.cdiv(geo.Kg, meta["BLOCK_N"]),
                              geo.groups)
         _dgrad_col_gemm_kernel[grid](
             grad_out, weight, dcol, geo.M_out, autotune_bucket(geo.M_out), geo.P, geo.Q, geo.Cg, geo.Cout_g,
             geo.KH, geo.KW, geo.Kg, ktot, *grad_out.stride(), *weight.stride(), PREC=prec)
-        bm, bc = (32, 16) if INTERPRET else (64, 64)
+        # float64: 16 x 64 (64 x 64 and 32 x 64 spilled 4-44 B on sm_80)
+        bm, bc = (32, 16) if INTERPRET else ((16, 64) if x.dtype == torch.float64 else (64, 64))
         grid2 = (triton.cdiv(geo.M_in, bm), triton.cdiv(geo.C, bc))
         _col2im_kernel[grid2](dcol, dx, geo.M_in, geo.H, geo.W, geo.P, geo.Q, geo.C, geo.Cg, geo.KH, geo.KW,
                               geo.Kg, ktot, *dx.stride(), *geo.conv_args, BLOCK_M=bm, BLOCK_C=bc,
@@ -1067,7 +1085,7 @@ def _dgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str) -> torch.T
 
 def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str, hooks: _Hooks = _NO_HOOKS,
            db: torch.Tensor | None = None) -> torch.Tensor:
-    """dW: weight's shape and dtype, contiguous. With db (float32 (C_out,), only for a non-empty weight and
+    """dW: weight's shape and dtype, contiguous. With db (float32 (float64) (C_out,), only for a non-empty weight and
     output) the DBIAS hook also writes the gradient operand's per-channel sums into it."""
     dw = new_output(weight.shape, weight)   # contiguous (C_out, Cg, KH, KW)
     if dw.numel() == 0:
@@ -1080,9 +1098,10 @@ def _wgrad(grad_out, x, weight, geo: _Geometry, algo: str, prec: str, hooks: _Ho
     n_tiles = geo.KH * geo.KW * triton.cdiv(geo.Cg, tile) if mode == MODE_TILED else triton.cdiv(geo.Kg, tile)
     out_tiles = triton.cdiv(geo.Cout_g, tile) * n_tiles * geo.groups
     splits, chunk = _split_k(geo.M_out, out_tiles, x.device)
-    direct = splits == 1 and dw.dtype == torch.float32
-    ws = dw if direct else new_output((splits, *weight.shape), weight, dtype=torch.float32)
-    dbs = db if db is None or splits == 1 else new_output((splits, geo.Cout), x, dtype=torch.float32)
+    acc = acc_dtype(x.dtype)
+    direct = splits == 1 and dw.dtype == acc
+    ws = dw if direct else new_output((splits, *weight.shape), weight, dtype=acc)
+    dbs = db if db is None or splits == 1 else new_output((splits, geo.Cout), x, dtype=acc)
     s, t, y, ga, gb = hooks.args(grad_out)
 
     def grid(meta):
@@ -1113,7 +1132,7 @@ def _bias_grad(grad_out, geo: _Geometry) -> torch.Tensor:
     bp, bc = (16, 16) if INTERPRET else (64, 64)
     c_tiles = triton.cdiv(geo.Cout, bc)
     splits, chunk = _split_k(geo.M_out, c_tiles, grad_out.device)
-    ws = new_output((splits, geo.Cout), grad_out, dtype=torch.float32)
+    ws = new_output((splits, geo.Cout), grad_out, dtype=acc_dtype(grad_out.dtype))
     _bias_grad_kernel[(c_tiles, splits)](grad_out, ws, geo.M_out, geo.Cout, geo.P * geo.Q, geo.Q, chunk,
                                          *grad_out.stride(), BLOCK_P=bp, BLOCK_C=bc)
     _sum_splits(ws, db)
@@ -1156,10 +1175,11 @@ def _stats_grad_hooks(grad, y, grad_mean, grad_var, mean, in_scale, in_shift, ge
     check_tensor(y, "y", ndim=4)
     if y.shape != grad.shape:
         raise ValueError(f"y must have shape {tuple(grad.shape)}, got {tuple(y.shape)}")
-    check_vector(mean, "mean", geo.Cout)
+    acc = acc_dtype(grad.dtype)
+    check_vector(mean, "mean", geo.Cout, acc)
     for v, name in ((grad_mean, "grad_mean"), (grad_var, "grad_var")):
         if v is not None:
-            check_vector(v, name, geo.Cout)
+            check_vector(v, name, geo.Cout, acc)
     check_device(grad, y, mean, grad_mean, grad_var)
     g_alpha = grad_var * (2.0 / geo.M_out) if grad_var is not None else torch.zeros_like(mean)
     g_beta = -g_alpha * mean
@@ -1179,23 +1199,26 @@ def _fused_dgrad(grad, x, weight, geo: _Geometry, prec: str, hooks: _Hooks):
             return dx, partials[0][:tiles].sum(0), partials[1][:tiles].sum(0)
     else:   # no pixel or no output channel: dL/da = 0
         dx.zero_()
+    acc = acc_dtype(x.dtype)
     if not hooks.prologue:
-        return dx, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
-    return dx, x.new_zeros((geo.C,), dtype=torch.float32), x.new_zeros((geo.C,), dtype=torch.float32)
+        return dx, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    return dx, x.new_zeros((geo.C,), dtype=acc), x.new_zeros((geo.C,), dtype=acc)
 
 
 def _fused_wgrad(grad, x, weight, geo: _Geometry, prec: str, hooks: _Hooks, has_bias: bool):
-    """(dweight, dbias) of conv_bn_relu: wgrad with GRAD_AFFINE / PROLOGUE / DBIAS hooks; dbias float32."""
+    """(dweight, dbias) of conv_bn_relu: wgrad with GRAD_AFFINE / PROLOGUE / DBIAS hooks; dbias float32 (float64
+    for float64 x)."""
+    acc = acc_dtype(x.dtype)
     if weight.numel() and geo.M_out:
-        db = new_output((geo.Cout,), x, dtype=torch.float32) if has_bias else None
+        db = new_output((geo.Cout,), x, dtype=acc) if has_bias else None
         dw = _wgrad(grad, x, weight, geo, "implicit_gemm", prec, hooks, db)
     else:   # nothing to multiply (C_in = 0, or no output pixel): the bias gradient by plain tensor ops
         dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        g = grad.float()
+        g = grad.to(acc)
         if hooks.affine:
             g = g + hooks.g_alpha.view(1, -1, 1, 1) * hooks.y.float() + hooks.g_beta.view(1, -1, 1, 1)
         db = g.sum((0, 2, 3)) if has_bias else None
-    return dw, db if has_bias else x.new_empty((0,), dtype=torch.float32)
+    return dw, db if has_bias else x.new_empty((0,), dtype=acc)
 
 
 def conv_bn_relu_backward(grad, y, grad_mean, grad_var, mean, x, weight, in_scale, in_shift, stride, padding,
@@ -1209,7 +1232,8 @@ def conv_bn_relu_backward(grad, y, grad_mean, grad_var, mean, x, weight, in_scal
     dilation, groups as in conv_bn_relu.
     Returns dx (x's shape, dtype and memory format; computed when compute_dx or in_scale is given, else an empty
     x.dtype tensor), dweight (weight's shape and dtype, contiguous), dbias (float32 (C_out,), empty without
-    has_bias), d_in_scale, d_in_shift (float32 (C_in,), empty without in_scale)."""
+    has_bias), d_in_scale, d_in_shift (float32 (C_in,), empty without in_scale). Every float32 vector here is
+    float64 for float64 x."""
     geo = _check_conv_bn_relu(x, weight, None, in_scale, in_shift, stride, padding, dilation, groups)
     check_tensor(grad, "grad_output", ndim=4)
     check_device(x, grad)
@@ -1226,6 +1250,6 @@ def conv_bn_relu_backward(grad, y, grad_mean, grad_var, mean, x, weight, in_scal
             dx, d_scale, d_shift = _fused_dgrad(grad, x, weight, geo, prec, hooks)
             dx = dx.contiguous(memory_format=fmt)
         else:   # e.g. the network's input image: no dgrad at all
-            dx, d_scale, d_shift = x.new_empty((0,)), *(x.new_empty((0,), dtype=torch.float32) for _ in range(2))
+            dx, d_scale, d_shift = x.new_empty((0,)), *(x.new_empty((0,), dtype=acc_dtype(x.dtype)) for _ in range(2))
         dw, db = _fused_wgrad(grad, x, weight, geo, prec, hooks, has_bias)
     return dx, dw, db, d_scale, d_shift

@@ -1,6 +1,7 @@
 """Dropout kernels: out = x * (u(seed, i) > p ? scale : 0), the mask regenerated, never stored.
 
-x: any shape, float32|float16|bfloat16, contiguous or (4-D) channels_last; out: same shape, dtype, format.
+x: any shape, float32|float64|float16|bfloat16, contiguous or (4-D) channels_last; out: same shape, dtype, format.
+The product is computed in float32 (float64 for float64 x, with scale = 1/(1-p) in float64, as torch).
 u(seed, i) is the Philox stream of docs/ARCHITECTURE.md at the element's row-major index i in
 the LOGICAL shape, so NCHW and NHWC give the same mask. The backward is this
 same kernel applied to grad_out with the forward's seed.
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_grid, check_tensor, dense_format, device_guard, new_output
+from ._common import check_grid, check_tensor, dense_format, device_guard, new_output, to_acc
 
 BLOCK = 1024              # elements per program, contiguous kernel
 CL_BLOCK_ELEMS = 1024     # elements per program, channels_last kernel (BLOCK_S * BLOCK_C)
@@ -27,7 +28,7 @@ CL_BLOCK_ELEMS = 1024     # elements per program, channels_last kernel (BLOCK_S 
 
 @triton.jit
 def _keep_factor(seed, idx, p, scale):
-    """scale where u(seed, idx) > p else 0.0 (float32); idx: int64 logical indices >= 0, seed: an int scalar.
+    """scale where u(seed, idx) > p else 0.0 (scale's dtype); idx: int64 logical indices >= 0, seed: an int scalar.
 
     The counter is built explicitly (low word, high word = idx >> 32, 0, 0) rather
     than through tl.rand, so every Triton version gives the stream of docs/ARCHITECTURE.md;
@@ -45,19 +46,20 @@ def _keep_factor(seed, idx, p, scale):
 
 
 # The seed is typed uint64 and not specialised: one compiled kernel serves every seed (a specialised int would
-# compile a variant for seeds that are 1, multiples of 16, or outside int32's range).
+# compile a variant for seeds that are 1, multiples of 16, or outside int32's range). p is float32 (the threshold of
+# the stream's definition); scale is float64, rounded once to the dtype the product is computed in.
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_kernel(X_ptr, Y_ptr, n_elements, seed: tl.uint64, p, scale, BLOCK: tl.constexpr):
+def _dropout_kernel(X_ptr, Y_ptr, n_elements, seed: tl.uint64, p, scale: tl.float64, BLOCK: tl.constexpr):
     """X, Y: n_elements dense in logical (row-major) order; memory index == logical index."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    x = tl.load(X_ptr + offs, mask=mask)
-    y = x.to(tl.float32) * _keep_factor(seed, offs, p, scale)  # x * 0 keeps NaN/inf -> NaN, as torch
+    x = to_acc(tl.load(X_ptr + offs, mask=mask))
+    y = x * _keep_factor(seed, offs, p, tl.full((), scale, x.dtype))  # x * 0 keeps NaN/inf -> NaN, as torch
     tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_cl_kernel(X_ptr, Y_ptr, C, S, num_s_blocks, seed: tl.uint64, p, scale,
+def _dropout_cl_kernel(X_ptr, Y_ptr, C, S, num_s_blocks, seed: tl.uint64, p, scale: tl.float64,
                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """X, Y: logical (N, C, S) stored as (N, S, C) (NHWC with S = H*W).
 
@@ -72,8 +74,8 @@ def _dropout_cl_kernel(X_ptr, Y_ptr, C, S, num_s_blocks, seed: tl.uint64, p, sca
     mask = (s < S)[:, None] & (c < C)[None, :]
     mem = (n * S + s)[:, None] * C + c[None, :]
     logical = (n * C + c)[None, :] * S + s[:, None]
-    x = tl.load(X_ptr + mem, mask=mask)
-    y = x.to(tl.float32) * _keep_factor(seed, logical, p, scale)
+    x = to_acc(tl.load(X_ptr + mem, mask=mask))
+    y = x * _keep_factor(seed, logical, p, tl.full((), scale, x.dtype))
     tl.store(Y_ptr + mem, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -85,7 +87,8 @@ def _check_args(p: float, seed: int) -> None:
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x: any shape float32|float16|bfloat16 -> x * (u(seed, i) > float32(p) ? 1/(1-p) : 0), x's shape/dtype/format.
+    """x: any shape float32|float64|float16|bfloat16 -> x * (u(seed, i) > float32(p) ? 1/(1-p) : 0), x's shape,
+    dtype and format.
 
     Also the backward: dropout(grad_out, p, seed) with the forward's seed.
     """
@@ -97,7 +100,7 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     n = x.numel()
     if n == 0:
         return y
-    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0  # passed as float32, as p is
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0  # float64 (the kernels round it to float32 except for float64 x)
     seed &= 2**64 - 1   # the same 64 bits as an unsigned value (the kernels' seed is uint64)
     with device_guard(x):
         _launch(x, y, n, fmt, seed, p, scale)

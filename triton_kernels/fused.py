@@ -7,8 +7,9 @@ y. The BatchNorm + ReLU of that layer, a = relu(y * scale + shift) with scale = 
 shift = beta - mean * scale, is never written: the NEXT conv applies it to its input while loading it (normalize
 prologue), or the fused BN-ReLU-MaxPool kernel here applies it while pooling, or (last layer) one elementwise pass.
 
-Kernels (all: fp32 arithmetic, float32|float16|bfloat16 tensors, any strides — NHWC / channels_last is the fast
-layout; NCHW works through the same stride arguments):
+Kernels (all: fp32 arithmetic, float32|float16|bfloat16 tensors; fp64 arithmetic and float64 per-channel vectors
+for float64 tensors; any strides — NHWC / channels_last is the fast layout; NCHW works through the same stride
+arguments):
 
   _bn_relu_apply_*       a = relu(y * scale + shift) and its backward (the one pass that stays when
                          no fused consumer follows)
@@ -26,8 +27,9 @@ import triton
 import triton.language as tl
 
 from . import conv
-from ._common import (INTERPRET, bn_relu, check_device, check_grid, check_int32_index, check_tensor, check_vector,
-                      dense_format, device_guard, mma, new_output, pixel_offsets, relu_passes, split_pixels, tile_ids)
+from ._common import (INTERPRET, acc_dtype, acc_zeros, bn_relu, check_device, check_grid, check_int32_index,
+                      check_tensor, check_vector, dense_format, device_guard, mma, new_output, pixel_offsets,
+                      relu_passes, split_pixels, tile_ids, to_acc)
 
 
 # ---------------------------------------------------------------------------- BN apply + ReLU (+ pool)
@@ -66,10 +68,10 @@ def _bn_relu_apply_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_p
     img, h, w = split_pixels(offs_p, H * W, W)
     g = tl.load(G_ptr + pixel_offsets(img, h, w, sgn, sgh, sgw)[:, None] + c64 * sgc, mask=mask, other=0.0)
     y = tl.load(Y_ptr + pixel_offsets(img, h, w, syn, syh, syw)[:, None] + c64 * syc, mask=mask, other=0.0)
-    y = y.to(tl.float32)
+    y = to_acc(y)
     s = tl.load(S_ptr + offs_c, mask=c_ok, other=0.0)
     t = tl.load(T_ptr + offs_c, mask=c_ok, other=0.0)
-    dpre = tl.where(mask & relu_passes(y * s[None, :] + t[None, :]), g.to(tl.float32), 0.0)
+    dpre = tl.where(mask & relu_passes(y * s[None, :] + t[None, :]), to_acc(g), 0.0)
     tl.store(DY_ptr + pixel_offsets(img, h, w, sdn, sdh, sdw)[:, None] + c64 * sdc,
              (dpre * s[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
     part = pid_p.to(tl.int64) * C + offs_c
@@ -95,7 +97,7 @@ def _bn_relu_pool_fwd_kernel(Y_ptr, S_ptr, T_ptr, O_ptr, N, C, H, W, OH, OW,
     c64 = offs_c[None, :].to(tl.int64)
     s = tl.load(S_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
     t = tl.load(T_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
-    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+    best = acc_zeros((BLOCK_P, BLOCK_C), Y_ptr) - float("inf")
     for k in tl.static_range(4):
         row = nb * syn + (2 * oh + k // 2).to(tl.int64) * syh + (2 * ow + k % 2).to(tl.int64) * syw
         v = bn_relu(tl.load(Y_ptr + row[:, None] + c64 * syc, mask=mask, other=0.0), s, t)
@@ -127,8 +129,8 @@ def _bn_relu_pool_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_pt
     t = tl.load(T_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
     in_out = p_ok & (oh < OH) & (ow < OW)
     g_row = nb * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-    g = tl.load(G_ptr + g_row[:, None] + c64 * sgc, mask=in_out[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
+    g = to_acc(tl.load(G_ptr + g_row[:, None] + c64 * sgc, mask=in_out[:, None] & c_ok[None, :], other=0.0))
+    best = acc_zeros((BLOCK_P, BLOCK_C), Y_ptr) - float("inf")
     arg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)
     for k in tl.static_range(4):
         row = nb * syn + (2 * oh + k // 2).to(tl.int64) * syh + (2 * ow + k % 2).to(tl.int64) * syw
@@ -137,14 +139,14 @@ def _bn_relu_pool_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_pt
         take = (v > best) | (v != v)
         best = tl.where(take, v, best)
         arg = tl.where(take, k, arg)
-    ds = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    dt = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    ds = acc_zeros((BLOCK_P, BLOCK_C), Y_ptr)
+    dt = acc_zeros((BLOCK_P, BLOCK_C), Y_ptr)
     for k in tl.static_range(4):
         ih = 2 * oh + k // 2
         iw = 2 * ow + k % 2
         m = (p_ok & (ih < H) & (iw < W))[:, None] & c_ok[None, :]
         row = nb * syn + ih.to(tl.int64) * syh + iw.to(tl.int64) * syw
-        y = tl.load(Y_ptr + row[:, None] + c64 * syc, mask=m, other=0.0).to(tl.float32)
+        y = to_acc(tl.load(Y_ptr + row[:, None] + c64 * syc, mask=m, other=0.0))
         dpre = tl.where(m & (arg == k) & relu_passes(y * s + t), g, 0.0)
         d_row = nb * sdn + ih.to(tl.int64) * sdh + iw.to(tl.int64) * sdw
         tl.store(DY_ptr + d_row[:, None] + c64 * sdc, (dpre * s).to(DY_ptr.dtype.element_ty), mask=m)
@@ -157,12 +159,14 @@ def _bn_relu_pool_bwd_kernel(G_ptr, Y_ptr, S_ptr, T_ptr, DY_ptr, PDS_ptr, PDT_pt
 
 # ---------------------------------------------------------------------------- Linear + ReLU + dropout
 @triton.jit(do_not_specialize=["seed"])
-def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed: tl.uint64, p, a_scale, out_scale,
+def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed: tl.uint64, p, a_scale: tl.float64,
+                   out_scale: tl.float64,
                    sam, sak, som, sok, sbk, sbn,
                    HAS_BIAS: tl.constexpr, RELU_DROPOUT: tl.constexpr, A_GRAD: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """A: (M, K), O: like A, B: (K, N) float16|bfloat16|float32, any strides; Bias: (N,); C: (M, N) contiguous.
-    C = epilogue(prologue(A) @ B); fp32 operands through TF32 or IEEE products per PREC.
+    """A: (M, K), O: like A, B: (K, N) float16|bfloat16|float32|float64, any strides; Bias: (N,); C: (M, N)
+    contiguous. C = epilogue(prologue(A) @ B); fp32 operands through TF32 or IEEE products per PREC; accumulated in
+    fp32 (fp64 for fp64), a_scale and out_scale (float64) rounded once to that dtype.
 
     Forward (RELU_DROPOUT): C = where(rand(seed, m*N + n) > p, relu(A @ B + bias) * out_scale, 0) with
     out_scale = 1/(1-p); rand is tl.rand's Philox4x32-10 stream at the row-major element index, mask never stored.
@@ -178,7 +182,7 @@ def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed: tl.uint6
     n_ok = offs_n < N
     m64 = offs_m.to(tl.int64)
     n64 = offs_n.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_zeros((BLOCK_M, BLOCK_N), A_ptr)
     for k0 in range(0, K, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_ok = offs_k < K
@@ -186,35 +190,41 @@ def _linear_kernel(A_ptr, O_ptr, B_ptr, Bias_ptr, C_ptr, M, N, K, seed: tl.uint6
         a = tl.load(A_ptr + m64[:, None] * sam + offs_k[None, :] * sak, mask=a_mask, other=0.0)
         if A_GRAD:
             o = tl.load(O_ptr + m64[:, None] * som + offs_k[None, :] * sok, mask=a_mask, other=0.0)
-            a = tl.where(relu_passes(o), a.to(tl.float32) * a_scale, 0.0).to(A_ptr.dtype.element_ty)
+            a = tl.where(relu_passes(o), to_acc(a) * tl.full((), a_scale, acc.dtype), 0.0).to(A_ptr.dtype.element_ty)
         b = tl.load(B_ptr + offs_k[:, None] * sbk + n64[None, :] * sbn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, PREC)
     if HAS_BIAS:
-        acc += tl.load(Bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += to_acc(tl.load(Bias_ptr + offs_n, mask=n_ok, other=0.0))[None, :]
     if RELU_DROPOUT:
         acc = tl.where(acc <= 0.0, 0.0, acc)
         keep = tl.rand(seed, (m64[:, None] * N + n64[None, :]).to(tl.uint32)) > p   # index < 2**32: checked
-        acc = tl.where(keep, acc * out_scale, 0.0)
+        acc = tl.where(keep, acc * tl.full((), out_scale, acc.dtype), 0.0)
     tl.store(C_ptr + m64[:, None] * N + n64[None, :], acc.to(C_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _check_bn_relu_args(y, scale, shift):
     check_tensor(y, "input", ndim=4)
-    check_vector(scale, "scale", y.shape[1])
-    check_vector(shift, "shift", y.shape[1])
+    check_vector(scale, "scale", y.shape[1], acc_dtype(y.dtype))
+    check_vector(shift, "shift", y.shape[1], acc_dtype(y.dtype))
     check_device(y, scale, shift)
 
 
 def _elementwise_tiles(y):
-    """(BLOCK_P, BLOCK_C) of the BN-ReLU(-pool) kernels: 64 x 64 (32 values per thread at 4 warps)."""
-    return (64, 16) if INTERPRET else (64, 64)
+    """(BLOCK_P, BLOCK_C) of the BN-ReLU(-pool) kernels: 64 x 64 (32 values per thread at 4 warps); 32 x 64 for
+    float64 (twice the registers per value: the pool forward reached 255 registers at 64 x 64)."""
+    if INTERPRET:
+        return (64, 16)
+    return (32, 64) if y.dtype == torch.float64 else (64, 64)
 
 
 def _pool_bwd_tiles(y):
     """The pool backward keeps the window's argmax, gradient and both partial sums per value: 32 x 64 tiles (16
-    values per thread) fit its registers where 64 x 64 spilled (fp32, NCHW)."""
-    return (64, 16) if INTERPRET else (32, 64)
+    values per thread) fit its registers where 64 x 64 spilled (fp32, NCHW); 16 x 64 for float64 (32 x 64 spilled
+    176-424 B)."""
+    if INTERPRET:
+        return (64, 16)
+    return (16, 64) if y.dtype == torch.float64 else (32, 64)
 
 
 def _check_pixels(count: int, C: int, block_p: int, block_c: int, what: str):
@@ -226,7 +236,8 @@ def _check_pixels(count: int, C: int, block_p: int, block_c: int, what: str):
 
 
 def bn_relu_apply(y, scale, shift):
-    """y: (N, C, H, W) float16|bfloat16|float32, NCHW or NHWC; scale, shift: (C,) float32.
+    """y: (N, C, H, W) float16|bfloat16|float32|float64, NCHW or NHWC; scale, shift: (C,) float32 (float64 for
+    float64 y).
     Returns relu(y * scale[c] + shift[c]) in y's dtype and memory format."""
     _check_bn_relu_args(y, scale, shift)
     N, C, H, W = y.shape
@@ -241,7 +252,8 @@ def bn_relu_apply(y, scale, shift):
 
 
 def bn_relu_apply_backward(grad, y, scale, shift):
-    """grad, y: (N, C, H, W) float16|bfloat16|float32, NCHW or NHWC; scale, shift: (C,) float32.
+    """grad, y: (N, C, H, W) float16|bfloat16|float32|float64, NCHW or NHWC; scale, shift: (C,) float32 (float64 for
+    float64 y).
     Returns (dy, dscale, dshift) of bn_relu_apply: dy like y, dscale, dshift (C,) float32."""
     _check_bn_relu_args(y, scale, shift)
     check_tensor(grad, "grad_output", ndim=4)
@@ -251,8 +263,8 @@ def bn_relu_apply_backward(grad, y, scale, shift):
     BP, BC = _elementwise_tiles(y)
     grid = _check_pixels(N * H * W, C, BP, BC, "bn_relu_apply_backward")
     dy = new_output(y.shape, y, memory_format=dense_format(y))
-    pds = new_output((grid[0], C), y, dtype=torch.float32)
-    pdt = new_output((grid[0], C), y, dtype=torch.float32)
+    pds = new_output((grid[0], C), y, dtype=scale.dtype)
+    pdt = new_output((grid[0], C), y, dtype=scale.dtype)
     if y.numel():
         with device_guard(y, grad, scale, shift):
             _bn_relu_apply_bwd_kernel[grid](
@@ -264,7 +276,8 @@ def bn_relu_apply_backward(grad, y, scale, shift):
 
 
 def bn_relu_maxpool2d(y, scale, shift):
-    """y: (N, C, H, W) float16|bfloat16|float32, NCHW or NHWC, H, W >= 2; scale, shift: (C,) float32.
+    """y: (N, C, H, W) float16|bfloat16|float32|float64, NCHW or NHWC, H, W >= 2; scale, shift: (C,) float32
+    (float64 for float64 y).
     Returns max_pool2d(relu(y*scale + shift), kernel_size=2, stride=2): (N, C, H//2, W//2), y's dtype and format."""
     _check_bn_relu_args(y, scale, shift)
     N, C, H, W = y.shape
@@ -284,7 +297,8 @@ def bn_relu_maxpool2d(y, scale, shift):
 
 
 def bn_relu_maxpool2d_backward(grad, y, scale, shift):
-    """grad: (N, C, H//2, W//2), y: (N, C, H, W) float16|bfloat16|float32, NCHW or NHWC; scale, shift: (C,) float32.
+    """grad: (N, C, H//2, W//2), y: (N, C, H, W) float16|bfloat16|float32|float64, NCHW or NHWC; scale, shift:
+    (C,) float32 (float64 for float64 y).
     Returns (dy, dscale, dshift) of bn_relu_maxpool2d: dy like y, dscale, dshift (C,) float32."""
     _check_bn_relu_args(y, scale, shift)
     N, C, H, W = y.shape
@@ -297,8 +311,8 @@ def bn_relu_maxpool2d_backward(grad, y, scale, shift):
     check_int32_index(N * H * W, "bn_relu_maxpool2d_backward: N*H*W pixels")
     grid = _check_pixels(N * OHC * OWC, C, BP, BC, "bn_relu_maxpool2d_backward")
     dy = new_output(y.shape, y, memory_format=dense_format(y))
-    pds = new_output((grid[0], C), y, dtype=torch.float32)
-    pdt = new_output((grid[0], C), y, dtype=torch.float32)
+    pds = new_output((grid[0], C), y, dtype=scale.dtype)
+    pdt = new_output((grid[0], C), y, dtype=scale.dtype)
     if y.numel():
         with device_guard(y, grad, scale, shift):
             _bn_relu_pool_bwd_kernel[grid](
@@ -324,9 +338,12 @@ def _linear_tiles(n: int, elem_size: int, a_grad: bool, device: torch.device, m:
     tensor cores), and the deepest pipeline (4, 3 or 2 stages) whose shared memory fits the device by
     conv.smem_bytes' model (the A_GRAD backward also pipelines the output tile O next to A, and stages the
     transformed A tile). Chosen with `fusedcnn compile-check`: 128-row tiles spilled registers in the
-    forward's dropout epilogue at batch 32, and IEEE fp32 at BLOCK_K 32."""
+    forward's dropout epilogue at batch 32, and IEEE fp32 at BLOCK_K 32. float64: conv's float64 tile, 64x64x32 at
+    8 warps and 3 stages (no spills on sm_80 and sm_90, Triton 3.6 and 3.8, where 64x128x16 spilled 8-32 B)."""
     if INTERPRET:
         return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)
+    if elem_size >= 8:
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3)
     limit, cc_major = conv._smem_limit(device)
     bn, warps = (128, 8) if n >= 128 else (64, 4)
     bm = 64 if m <= 64 else 128
@@ -382,9 +399,9 @@ def _check_linear_args(x, weight, bias, p):
 
 
 def linear_relu_dropout(x, weight, bias, p, seed):
-    """x: (M, K) float16|bfloat16|float32, any strides; weight: (N, K) x's dtype; bias: (N,) or None; p in [0, 1];
-    seed: 64-bit int. Returns dropout(relu(x @ weight.T + bias), p): (M, N) x's dtype, contiguous, with the
-    Philox stream of tl.rand (element index m*N + n)."""
+    """x: (M, K) float16|bfloat16|float32|float64, any strides; weight: (N, K) x's dtype; bias: (N,) or None;
+    p in [0, 1]; seed: 64-bit int. Returns dropout(relu(x @ weight.T + bias), p): (M, N) x's dtype, contiguous,
+    with the Philox stream of tl.rand (element index m*N + n)."""
     _check_linear_args(x, weight, bias, p)
     out = new_output((x.shape[0], weight.shape[0]), x)
     return _gemm(x, weight.t(), out, bias=bias, seed=seed, p=p, relu_dropout=True)
@@ -401,6 +418,6 @@ def linear_relu_dropout_backward(grad, out, x, weight, p, has_bias):
     scale = 1.0 / (1.0 - p) if p < 1 else 0.0
     dx = _gemm(grad, weight, new_output(x.shape, x), o=out, a_scale=scale)
     dw = _gemm(grad.t(), x, new_output(weight.shape, weight), o=out.t(), a_scale=scale)
-    db = (torch.where(out > 0, grad.float(), 0.0).sum(0) * scale).to(weight.dtype) if has_bias \
+    db = (torch.where(out > 0, grad.to(acc_dtype(grad.dtype)), 0.0).sum(0) * scale).to(weight.dtype) if has_bias \
         else x.new_empty((0,))
     return dx, dw, db

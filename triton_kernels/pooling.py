@@ -1,5 +1,5 @@
-"""Pooling kernels. x: (N, C, H, W) float32|float16|bfloat16, NCHW or NHWC (any strides, no copies);
-float32 accumulation; int64 offsets. Outputs follow x's memory format.
+"""Pooling kernels. x: (N, C, H, W) float32|float64|float16|bfloat16, NCHW or NHWC (any strides, no copies);
+float32 accumulation (float64 for float64); int64 offsets. Outputs follow x's memory format.
 
 Window geometry (the same in csrc/pooling/pooling.h): along a dimension of size `in` with `out`
 windows, window i spans start(i) = (i*A)//B - pad .. end(i) = ((i+1)*A + B-1)//B - pad + extra
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fusedcnn.common import adaptive_geometry, pooled_size, regular_geometry
 
-from ._common import check_grid, check_tensor, dense_format, device_guard, new_output
+from ._common import acc_zeros, check_grid, check_tensor, dense_format, device_guard, new_output, to_acc
 
 
 class Dim(NamedTuple):
@@ -97,8 +97,9 @@ def _tile(P, C, OH, OW, CHANNELS_INNER: tl.constexpr, BLOCK_P: tl.constexpr, BLO
 def _window_max(X, base, mask, hs, he, ws, we, dil_h, dil_w, sxh, sxw, W,
                 TAPS_H: tl.constexpr, TAPS_W: tl.constexpr):
     """Max over each row's window with PyTorch's rule: first maximum in scan order, any NaN wins
-    (the last NaN). base/mask: [BLOCK_P, BLOCK_C]; hs..we: [BLOCK_P]. Returns (value f32, flat index)."""
-    acc = tl.full(base.shape, float("-inf"), tl.float32)
+    (the last NaN). base/mask: [BLOCK_P, BLOCK_C]; hs..we: [BLOCK_P]. Returns (value, flat index), the value in
+    float32 (float64 for float64 X)."""
+    acc = acc_zeros(base.shape, X) - float("inf")
     best = tl.full(base.shape, -1, tl.int64)
     for j in range(TAPS_H):
         ih = hs + j * dil_h
@@ -106,7 +107,7 @@ def _window_max(X, base, mask, hs, he, ws, we, dil_h, dil_w, sxh, sxw, W,
         for k in range(TAPS_W):
             iw = ws + k * dil_w
             ok = mask & (ok_h & (iw >= 0) & (iw < we))[:, None]
-            v = tl.load(X + base + (ih * sxh + iw * sxw)[:, None], mask=ok, other=float("-inf")).to(tl.float32)
+            v = to_acc(tl.load(X + base + (ih * sxh + iw * sxw)[:, None], mask=ok, other=float("-inf")))
             take = ok & ((best < 0) | (v > acc) | (v != v))
             acc = tl.where(take, v, acc)
             best = tl.where(take, (ih * W + iw)[:, None], best)
@@ -114,15 +115,15 @@ def _window_max(X, base, mask, hs, he, ws, we, dil_h, dil_w, sxh, sxw, W,
 
 
 @triton.jit
-def _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor,
+def _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor, like,
              TAPS_H: tl.constexpr, TAPS_W: tl.constexpr, COUNT_PAD: tl.constexpr):
-    """Average pooling's divisor per row (PyTorch's rule); he/we already clipped to the input."""
+    """Average pooling's divisor per row (PyTorch's rule), in like's dtype; he/we already clipped to the input."""
     if COUNT_PAD:  # the window clipped to the padded input, not to the ceil_mode overhang
         cnt = (tl.minimum(hs + TAPS_H, H + pad_h) - hs) * (tl.minimum(ws + TAPS_W, W + pad_w) - ws)
     else:
         cnt = (he - tl.maximum(hs, 0)) * (we - tl.maximum(ws, 0))
     # (max(.., 1): lanes outside any window compute a count of 0; their gradient is 0 anyway)
-    return tl.where(divisor > 0, divisor, tl.maximum(cnt, 1)).to(tl.float32)
+    return tl.where(divisor > 0, divisor, tl.maximum(cnt, 1)).to(like.dtype)
 
 
 # ---------------------------------------------------------------- forward
@@ -141,14 +142,14 @@ def _pool_fwd_kernel(X_ptr, Y_ptr, I_ptr, P, C, H, W, OH, OW,
     if IS_MAX:
         acc, best = _window_max(X_ptr, xbase, mask, hs, he, ws, we, dil_h, dil_w, sxh, sxw, W, TAPS_H, TAPS_W)
     else:  # average: dilation is 1
-        acc = tl.zeros(xbase.shape, tl.float32)
+        acc = acc_zeros(xbase.shape, X_ptr)
         for j in range(TAPS_H):
             ih = hs + j
             for k in range(TAPS_W):
                 iw = ws + k
                 ok = mask & ((ih >= 0) & (ih < he) & (iw >= 0) & (iw < we))[:, None]
-                acc += tl.load(X_ptr + xbase + (ih * sxh + iw * sxw)[:, None], mask=ok, other=0.0).to(tl.float32)
-        acc = acc / _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor, TAPS_H, TAPS_W, COUNT_PAD)[:, None]
+                acc += to_acc(tl.load(X_ptr + xbase + (ih * sxh + iw * sxw)[:, None], mask=ok, other=0.0))
+        acc = acc / _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor, acc, TAPS_H, TAPS_W, COUNT_PAD)[:, None]
     yoff = (n * syn + oh * syh + ow * syw)[:, None] + c * syc
     tl.store(Y_ptr + yoff, acc.to(Y_ptr.dtype.element_ty), mask=mask)
     if WRITE_IDX:  # indices share y's shape and strides
@@ -168,20 +169,20 @@ def _global_pool_kernel(X_ptr, Y_ptr, I_ptr, R, C, HW, sxn, sxc, syn, syc,
     rmask = r < R
     base = ((r // C) * sxn + (r % C) * sxc)[:, None]
     if IS_MAX:
-        acc = tl.full((BLOCK_R, BLOCK_HW), float("-inf"), tl.float32)
+        acc = acc_zeros((BLOCK_R, BLOCK_HW), X_ptr) - float("inf")
         best = tl.full((BLOCK_R, BLOCK_HW), -1, tl.int64)
     else:
-        acc = tl.zeros((BLOCK_R, BLOCK_HW), tl.float32)
+        acc = acc_zeros((BLOCK_R, BLOCK_HW), X_ptr)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW).to(tl.int64)
         m = rmask[:, None] & (hw < HW)[None, :]
         if IS_MAX:
-            v = tl.load(X_ptr + base + hw[None, :], mask=m, other=float("-inf")).to(tl.float32)
+            v = to_acc(tl.load(X_ptr + base + hw[None, :], mask=m, other=float("-inf")))
             take = m & ((best < 0) | (v > acc) | (v != v))
             acc = tl.where(take, v, acc)
             best = tl.where(take, hw[None, :], best)
         else:
-            acc += tl.load(X_ptr + base + hw[None, :], mask=m, other=0.0).to(tl.float32)
+            acc += to_acc(tl.load(X_ptr + base + hw[None, :], mask=m, other=0.0))
     yoff = (r // C) * syn + (r % C) * syc
     if IS_MAX:
         isnan = acc != acc
@@ -211,7 +212,7 @@ def _pool_bwd_kernel(G_ptr, X_ptr, I_ptr, DX_ptr, P, C, H, W, OH, OW,
     gbase = (n * sgn)[:, None] + c * sgc
     oh0 = tl.maximum(((ih + pad_h - ext_h) * Bh) // Ah, 0)
     ow0 = tl.maximum(((iw + pad_w - ext_w) * Bw) // Aw, 0)
-    acc = tl.zeros(gbase.shape, tl.float32)
+    acc = acc_zeros(gbase.shape, G_ptr)
     for a in range(NC_H):
         oh = oh0 + a
         hs, he = _bounds(oh, Ah, Bh, pad_h, ext_h, H)
@@ -220,9 +221,10 @@ def _pool_bwd_kernel(G_ptr, X_ptr, I_ptr, DX_ptr, P, C, H, W, OH, OW,
             ow = ow0 + b
             ws, we = _bounds(ow, Aw, Bw, pad_w, ext_w, W)
             ok = mask & (in_h & (ow < OW) & (iw >= ws) & (iw < we) & ((iw - ws) % dil_w == 0))[:, None]
-            g = tl.load(G_ptr + gbase + (oh * sgh + ow * sgw)[:, None], mask=ok, other=0.0).to(tl.float32)
+            g = to_acc(tl.load(G_ptr + gbase + (oh * sgh + ow * sgw)[:, None], mask=ok, other=0.0))
             if MODE == 1:
-                acc += g / _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor, TAPS_H, TAPS_W, COUNT_PAD)[:, None]
+                acc += g / _divisor(hs, he, ws, we, H, W, pad_h, pad_w, divisor, g, TAPS_H, TAPS_W,
+                                    COUNT_PAD)[:, None]
             elif MODE == 2:
                 idx = tl.load(I_ptr + (n * sin + oh * sih + ow * siw)[:, None] + c * sic, mask=ok, other=-1)
                 acc += tl.where(idx == flat, g, 0.0)
@@ -240,15 +242,17 @@ def _channels_inner(t: torch.Tensor) -> bool:
 
 
 # Elements per program (NHWC; NCHW: half) and warps of the windowed kernels; `fusedcnn compile-check`: no spills
-# at VGG16's shapes with 4 warps (8 warps spilled 4 B in the NCHW max-pool backward on sm_80).
+# at VGG16's shapes with 4 warps (8 warps spilled 4 B in the NCHW max-pool backward on sm_80). float64: half as
+# many (its max-pool backward spilled 84-376 B at 2048).
 _ELEMS, _WARPS = 2048, 4
 
 
-def _blocks(channels_inner: bool, C: int):
+def _blocks(channels_inner: bool, C: int, dtype: torch.dtype):
+    elems = _ELEMS // 2 if dtype == torch.float64 else _ELEMS
     if channels_inner:  # a 16-byte+ vector of channels per row
         block_c = min(64, triton.next_power_of_2(C))
-        return _ELEMS // block_c, block_c
-    return _ELEMS // 2, 1
+        return max(1, elems // block_c), block_c
+    return elems // 2, 1
 
 
 def _check_x(x: torch.Tensor, name: str = "x"):
@@ -280,7 +284,7 @@ def _launch_forward(x: torch.Tensor, dh: Dim, dw: Dim, *, is_max: bool, want_idx
                 IS_MAX=is_max, WRITE_IDX=want_idx, BLOCK_R=block_r, BLOCK_HW=block_hw)
         return y, idx
     inner = _channels_inner(x)
-    block_p, block_c = _blocks(inner, C)
+    block_p, block_c = _blocks(inner, C, x.dtype)
     P = N * dh.out * dw.out * (1 if inner else C)
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c) if inner else 1)
     check_grid(grid, "pooling")
@@ -303,7 +307,7 @@ def _launch_backward(grad_out: torch.Tensor, input_size, dh: Dim, dw: Dim, *, mo
     if dx.numel() == 0:
         return dx
     inner = _channels_inner(dx)
-    block_p, block_c = _blocks(inner, C)
+    block_p, block_c = _blocks(inner, C, grad_out.dtype)
     P = N * H * W * (1 if inner else C)
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c) if inner else 1)
     xs = x if x is not None else grad_out

@@ -1,7 +1,9 @@
 // BatchNorm2d (+ReLU) on CPU tensors. The math and the pass structure: python/fusedcnn/ops/batchnorm.py.
 //
 // x, grad_out: (N, C, H, W) float32|float64|bfloat16|float16, NCHW or NHWC (see batchnorm.h);
-// mean, var, invstd, sum_dy, sum_dy_xmu: (C,) float32 (float64 for float64 x).
+// mean, var, invstd, sum_dy, sum_dy_xmu: (C,) float32 (float64 for float64 x). An empty batch (N*H*W = 0, DDP's
+// uneven last batch) has mean = var = 0: a count of 0 weighs nothing in a merge across processes, and finite
+// statistics give the zero affine gradients torch gives; its backward_elemt takes count = 0.
 // Inner loops run over contiguous memory with per-channel scalars (NCHW: a run of HW values of one
 // channel) or per-channel arrays (NHWC: a row of C channels), so the compiler vectorizes them
 // (-O3 -fopenmp-simd, `omp simd` reductions); work is split over at::parallel_for.
@@ -281,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x, const Geometr
     double n = 0, mean = 0, m2 = 0;
     for (int64_t k = 0; k < K; ++k)
       if (pcount[k] > 0) chan_merge(n, mean, m2, pcount[k], pmean[k * C + c], pm2[k * C + c]);
-    mo[c] = n > 0 ? mean : NAN;
-    vo[c] = n > 0 ? m2 / n : NAN;
+    mo[c] = n > 0 ? mean : 0.0;  // an empty batch: 0, 0 (file header)
+    vo[c] = n > 0 ? m2 / n : 0.0;
   }
   const auto st = bn::stats_type(x.scalar_type());
   at::Tensor mean_out = mean_d.to(st), var_out = var_d.to(st);
@@ -506,9 +508,11 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_out, const at::T
     const auto st = bn::stats_type(x.scalar_type());
     bn::check_channel_vec(*sum_dy, x, "sum_dy", st);
     bn::check_channel_vec(*sum_dy_xmu, x, "sum_dy_xmu", st);
-    TORCH_CHECK(count > 0, "count must be positive, got ", count);
-    k2 = -k1 * invstd * invstd * (*sum_dy_xmu) / count;
-    k3 = -k1 * (*sum_dy) / count;
+    TORCH_CHECK(count > 0 || x.numel() == 0, "count must be positive, got ", count);
+    if (count > 0) {  // (an empty x has no dx to compute)
+      k2 = -k1 * invstd * invstd * (*sum_dy_xmu) / count;
+      k3 = -k1 * (*sum_dy) / count;
+    }
   }
   at::Tensor dx = new_output(x.sizes(), x.options(), fmt);
   const Geometry g = geometry_of(x);

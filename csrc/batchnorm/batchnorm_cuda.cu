@@ -1,7 +1,7 @@
 // BatchNorm2d (+ReLU) on CUDA tensors. The math and the pass structure: python/fusedcnn/ops/batchnorm.py.
 //
 // x, grad_out: (N, C, H, W) float32|float16|bfloat16, NCHW or NHWC; all arithmetic in float32.
-// mean, var, invstd, sum_dy, sum_dy_xmu: (C,) float32.
+// mean, var, invstd, sum_dy, sum_dy_xmu: (C,) float32. An empty batch has mean = var = 0 (batchnorm_cpu.cpp).
 //
 // Every kernel walks x as P planes of R rows of C channels, element (p, r, c) at p*PS + r*RS + c*CS
 // (the same walk as triton_kernels/batchnorm.py):
@@ -270,9 +270,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x_) {
   c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = dense_x(x_);
   const int64_t C = x.size(1);
-  if (x.numel() == 0) {
-    at::Tensor nan = at::full({C}, NAN, x.options().dtype(at::kFloat));
-    return {nan, nan.clone()};
+  if (x.numel() == 0) {  // an empty batch: mean = var = 0 (a count of 0 weighs nothing in a merge)
+    at::Tensor z = at::zeros({C}, x.options().dtype(at::kFloat));
+    return {z, z.clone()};
   }
   at::Tensor pcount, pmean, pm2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats_cuda", [&] {
@@ -367,9 +367,11 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out, const at::
   if (training) {
     bn::check_channel_vec(*sum_dy, x, "sum_dy", at::kFloat);
     bn::check_channel_vec(*sum_dy_xmu, x, "sum_dy_xmu", at::kFloat);
-    TORCH_CHECK(count > 0, "count must be positive, got ", count);
-    k2 = (-k1 * invstd * invstd * (*sum_dy_xmu) / count).contiguous();
-    k3 = (-k1 * (*sum_dy) / count).contiguous();
+    TORCH_CHECK(count > 0 || x.numel() == 0, "count must be positive, got ", count);
+    if (count > 0) {  // (an empty x has no dx to compute)
+      k2 = (-k1 * invstd * invstd * (*sum_dy_xmu) / count).contiguous();
+      k3 = (-k1 * (*sum_dy) / count).contiguous();
+    }
   }
   const at::Tensor mean_c = mean.contiguous();
   at::Tensor dx = new_output(x.sizes(), x.options(), bn::layout_of(x));

@@ -6,7 +6,7 @@
 //   bias:     (K,) or None
 //   out:      (N, K, H_out, W_out)        channels_last when x is NHWC (and not also NCHW), else
 //                                         contiguous -- as cuDNN; the Python fake functions agree
-//   dtypes:   CPU float32|float64|bfloat16; CUDA float32|float16|bfloat16 (and float64)
+//   dtypes:   float32|float64|float16|bfloat16 (CPU and CUDA)
 //
 // The batch is processed in chunks of `nb` images. Per chunk, the column buffer
 //   col: (C*kH*kW, nb*L), L = H_out*W_out, row r = (c, ki, kj), column = (image, h_out, w_out)
@@ -19,7 +19,7 @@
 // The GEMMs go through ATen: cuBLAS on CUDA (float16/bfloat16 inputs use fp32 compute -- cuBLAS
 // CUBLAS_COMPUTE_32F; fp16 may use reduced-precision reductions if
 // torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction is on; float32 uses TF32 only
-// if torch allows it), the CPU BLAS / oneDNN on CPU (bfloat16 accumulates in fp32).
+// if torch allows it), the CPU BLAS / oneDNN on CPU (float16 and bfloat16 accumulate in fp32).
 // Each GEMM's result is rounded to the input dtype once.
 #pragma once
 #include "common.h"

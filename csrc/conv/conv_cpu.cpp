@@ -1,5 +1,5 @@
 // Conv2d on CPU tensors: im2col / col2im kernels (at::parallel_for) + the shared GEMM driver in conv.h.
-//   x: (n, C, H, W) float32|float64|bfloat16, contiguous (the driver hands over an NCHW chunk)
+//   x: (n, C, H, W) float32|float64|float16|bfloat16, contiguous (the driver hands over an NCHW chunk)
 //   col: (C*kH*kW, n*L), L = H_out*W_out; row r = (c*kH + ki)*kW + kj, column = (image, h_out, w_out)
 #include "conv/conv.h"
 
@@ -20,13 +20,13 @@ inline void valid_range(int64_t off, int64_t stride, int64_t W, int64_t Wo, int6
   lo = std::min(lo, hi);
 }
 
-bool cpu_dtype_ok(at::ScalarType t) { return t == at::kFloat || t == at::kDouble || t == at::kBFloat16; }
+bool cpu_dtype_ok(at::ScalarType t) { return is_kernel_float(t); }
 
 // One (row r, image) pair per task: a row of L outputs, contiguous in col.
 void im2col_cpu(const at::Tensor& x, const at::Tensor& col, const Geom& g) {
   const int64_t n = x.size(0), L = g.Ho * g.Wo, rows = g.C * g.kh * g.kw;
   TORCH_CHECK(x.is_contiguous() && col.is_contiguous() && col.numel() == rows * n * L, "im2col: bad buffers");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fusedcnn_im2col_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fusedcnn_im2col_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* cp = col.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows * n, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
@@ -62,7 +62,7 @@ void col2im_cpu(const at::Tensor& col, const at::Tensor& x, const Geom& g) {
   const int64_t n = x.size(0), L = g.Ho * g.Wo, HW = g.H * g.W;
   TORCH_CHECK(x.is_contiguous() && col.is_contiguous() && col.numel() == g.C * g.kh * g.kw * n * L,
               "col2im: bad buffers");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fusedcnn_col2im_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fusedcnn_col2im_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* cp = col.const_data_ptr<scalar_t>();
     scalar_t* xp = x.mutable_data_ptr<scalar_t>();
@@ -99,7 +99,7 @@ void col2im_cpu(const at::Tensor& col, const at::Tensor& x, const Geom& g) {
   });
 }
 
-const Kernels kCpuKernels{at::kCPU, "CPU", &cpu_dtype_ok, "float32, float64 and bfloat16 (not float16)",
+const Kernels kCpuKernels{at::kCPU, "CPU", &cpu_dtype_ok, "float32, float64, float16 and bfloat16",
                           &im2col_cpu, &col2im_cpu, kCpuColBytes};
 
 at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

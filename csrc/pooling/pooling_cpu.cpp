@@ -1,5 +1,5 @@
-// Pooling on CPU tensors: x (N, C, H, W) float32|float64|bfloat16, any strides (NCHW and NHWC
-// without copies); accumulation in at::opmath_type (float for bfloat16).
+// Pooling on CPU tensors: x (N, C, H, W) float32|float64|float16|bfloat16, any strides (NCHW and NHWC
+// without copies); accumulation in at::opmath_type (float for float16 and bfloat16).
 // Geometry, argument checks and the op wrappers: pooling.h.
 //
 // Forward:  NCHW: one task per (n, c) plane, windows walked per output.
@@ -436,14 +436,14 @@ struct CpuImpl {
 
   static void check_dtype(const at::Tensor& t) {
     const auto d = t.scalar_type();
-    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16,
-                "fusedcnn pooling (cpp, CPU) supports float32, float64 and bfloat16, got ", d);
+    TORCH_CHECK(is_kernel_float(d), "fusedcnn pooling (cpp, CPU) supports float32, float64, float16 and bfloat16, "
+                "got ", d);
   }
 
   static void forward(const at::Tensor& x, const Args& a, at::Tensor& out, at::Tensor* idx) {
     // NHWC when the channels are the innermost dense dimension (and there is more than one).
     const bool nhwc = x.size(1) > 1 && x.stride(1) == 1 && out.stride(1) == 1;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pool2d_forward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool2d_forward_cpu", [&] {
       if (nhwc) forward_nhwc<scalar_t>(x, a, out, idx);
       else if (tiled(a)) forward_tiled_nchw<scalar_t>(x, a, out, idx);
       else forward_nchw<scalar_t>(x, a, out, idx);
@@ -452,7 +452,7 @@ struct CpuImpl {
 
   static void backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& idx, const Args& a,
                        at::Tensor& grad_in) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "pool2d_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "pool2d_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       if (tiled(a) && (a.kind == Kind::Avg || x.defined())) {  // one pass, no accumulation buffer (adaptive max
                                                                 // reads saved indices: the general path)
@@ -462,7 +462,7 @@ struct CpuImpl {
         else backward_tiled_nchw<scalar_t>(g, x, a, grad_in);
         return;
       }
-      // Overlapping windows add up: accumulate in acc_t (a float copy for bfloat16).
+      // Overlapping windows add up: accumulate in acc_t (a float copy for float16 and bfloat16).
       at::Tensor acc = std::is_same<acc_t, scalar_t>::value ? grad_in : at::empty_like(grad_in, grad_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       acc.zero_();
       const int64_t N = g.size(0), C = g.size(1), OH = a.h.out, OW = a.w.out;

@@ -36,6 +36,11 @@ _AUTO_ORDER = {
 }
 # Families where another order is faster (measured; see benchmarks/NOTES.md).
 _AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
+# (backend, device type) -> {family: dtypes its kernels do not take there}; "auto" passes over such a backend.
+# cpp on CUDA: the BatchNorm and pooling kernels take float32, float16 and bfloat16 (the fused family composes them).
+_UNSUPPORTED_DTYPES: dict[tuple[str, str], dict[str, tuple[torch.dtype, ...]]] = {
+    ("cpp", "cuda"): {"batchnorm": (torch.float64,), "pooling": (torch.float64,), "fused": (torch.float64,)},
+}
 
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedcnn_backend", default=None)
 # torch.compile traces _chosen.get() from torch 2.14 on (read at trace time, guarded). torch 2.13's Dynamo cannot
@@ -116,6 +121,11 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     raise ValueError(f"fusedcnn: unknown backend {name!r}")
 
 
+def dtype_supported(name: str, device_type: str, family: str, dtype: torch.dtype) -> bool:
+    """Whether backend `name`'s kernels of layer family `family` take `dtype` on `device_type` tensors."""
+    return dtype not in _UNSUPPORTED_DTYPES.get((name, device_type), {}).get(family, ())
+
+
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """The backends that can run on `device` (default: cuda if a GPU is present, else cpu)."""
     if device is None:
@@ -164,7 +174,8 @@ def resolve(requested: str | None, x: torch.Tensor, family: str) -> str:
     if name == "auto":
         order = _AUTO_ORDER_OVERRIDES.get((device_type, family), _AUTO_ORDER.get(device_type, ("torch",)))
         for candidate in order:
-            if unavailable_reason(candidate, device_type) is None:
+            if unavailable_reason(candidate, device_type) is None and dtype_supported(candidate, device_type, family,
+                                                                                       x.dtype):
                 return candidate
         return "torch"
     why = unavailable_reason(name, device_type)

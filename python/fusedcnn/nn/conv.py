@@ -3,18 +3,19 @@ import torch
 import torch.nn.functional as F
 
 from fusedcnn.backends import check_backend_arg
+from fusedcnn.nn._dropin import drop_in_init
 from fusedcnn.ops.conv import conv2d
 
 __all__ = ["Conv2d"]
 
 
 class Conv2d(torch.nn.Conv2d):
-    """Drop-in torch.nn.Conv2d. `backend`: "auto" (default), "torch", "reference", "triton" or "cpp"."""
+    """Drop-in torch.nn.Conv2d: its arguments (nn/_dropin.py) plus `backend`: "auto" (default), "torch",
+    "reference", "triton" or "cpp"."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", device=None, dtype=None, *, backend: str = "auto"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype)
+    @drop_in_init(torch.nn.Conv2d, backend="auto")
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = check_backend_arg(backend)
 
     def _conv_forward(self, input, weight, bias):

@@ -2,14 +2,16 @@
 import torch
 
 from fusedcnn.backends import check_backend_arg
+from fusedcnn.nn._dropin import drop_in_init
 from fusedcnn.ops.dropout import dropout
 
 __all__ = ["Dropout"]
 
 
 class Dropout(torch.nn.Dropout):
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, backend: str = "auto"):
-        super().__init__(p, inplace)  # torch.nn.Dropout raises for p outside [0, 1]
+    @drop_in_init(torch.nn.Dropout, backend="auto")
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)  # torch.nn.Dropout raises for p outside [0, 1]
         self.backend = check_backend_arg(backend)
 
     def forward(self, input):

@@ -14,6 +14,7 @@ reference and cpp by composition, triton with fused kernels). A Conv+BN+ReLU run
 BatchNorm+ReLU to a following Conv+BN+ReLU run, which applies it while loading its input.
 A run runs unfused, module by module, when one of its modules carries hooks (or global module hooks are set),
 when its fusedcnn modules name different backends, or when the input is not a 4-D tensor (conv runs).
+torch.fx (symbolic_trace, torchvision's create_feature_extractor) traces the children one by one.
 State_dict keys, parameter names and order, hooks and torch's module rewrites are those of the unfused model by
 construction: nothing is renamed, nothing is replaced.
 """
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from fusedcnn.backends import check_backend_arg
+from fusedcnn.common import is_fx_proxy
 from fusedcnn.nn.activation import ReLU
 from fusedcnn.nn.batchnorm import BatchNorm2d, BatchNormReLU2d, batch_norm_arguments
 from fusedcnn.nn.conv import Conv2d
@@ -179,7 +181,9 @@ class FusedSequential(nn.Sequential):
         return cached[1]
 
     def forward(self, input):
-        if _global_hooks():
+        if _global_hooks() or is_fx_proxy(input):
+            # torch.fx traces the children one by one: each records its own fusedcnn functional on its backend,
+            # and every child's output is a node (torchvision's create_feature_extractor can return any of them).
             return super().forward(input)
         plan = self._plan()
         x = input

@@ -1,16 +1,17 @@
-"""Pooling modules: torch.nn's (same arguments and repr) plus `backend=`."""
+"""Pooling modules: torch.nn's (same arguments, nn/_dropin.py, and repr) plus `backend=`."""
 import torch
 
 from fusedcnn.backends import check_backend_arg
+from fusedcnn.nn._dropin import drop_in_init
 from fusedcnn.ops import pooling as P
 
 __all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d"]
 
 
 class MaxPool2d(torch.nn.MaxPool2d):
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False,
-                 *, backend: str = "auto"):
-        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+    @drop_in_init(torch.nn.MaxPool2d, backend="auto")
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = check_backend_arg(backend)
 
     def forward(self, input):
@@ -19,9 +20,9 @@ class MaxPool2d(torch.nn.MaxPool2d):
 
 
 class AvgPool2d(torch.nn.AvgPool2d):
-    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-                 divisor_override=None, *, backend: str = "auto"):
-        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    @drop_in_init(torch.nn.AvgPool2d, backend="auto")
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = check_backend_arg(backend)
 
     def forward(self, input):
@@ -30,8 +31,9 @@ class AvgPool2d(torch.nn.AvgPool2d):
 
 
 class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
-    def __init__(self, output_size, *, backend: str = "auto"):
-        super().__init__(output_size)
+    @drop_in_init(torch.nn.AdaptiveAvgPool2d, backend="auto")
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = check_backend_arg(backend)
 
     def forward(self, input):
@@ -39,8 +41,9 @@ class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
 
 
 class AdaptiveMaxPool2d(torch.nn.AdaptiveMaxPool2d):
-    def __init__(self, output_size, return_indices=False, *, backend: str = "auto"):
-        super().__init__(output_size, return_indices)
+    @drop_in_init(torch.nn.AdaptiveMaxPool2d, backend="auto")
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = check_backend_arg(backend)
 
     def forward(self, input):

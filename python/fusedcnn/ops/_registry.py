@@ -13,6 +13,12 @@ Implementations. Each layer family keeps one table backend -> implementation (`i
 functionals normalize their arguments, then call `dispatch(family, backend, x)`, which resolves the backend
 (fusedcnn.backends: explicit choice, use_backend(), FUSEDCNN_BACKEND, "auto") and returns that table entry.
 No other module compares backend names.
+
+Autograd modes. Backward (create_graph=False) runs each backend's own backward kernels. Double backward: when a
+backward runs with grad mode on (create_graph=True), `register`'s backward runs the op's `differentiable_backward`
+instead (torch's differentiable aten backward ops on the saved tensors), so the gradient is itself differentiable.
+Forward-mode AD and the torch.func transforms (vmap, grad, jvp, jacfwd, ...): `dispatch` runs the family's
+`torch` implementation (see its docstring).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import importlib
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from fusedcnn import backends
 
@@ -71,11 +78,28 @@ def registered_backends() -> list[str]:
     return [b for b in COMPILED_BACKENDS if b != "cpp" or backends._cpp_import_error() is None]
 
 
+def _backward(name: str, kernels: Callable, differentiable: Callable | None) -> Callable:
+    """The registered backward: the backend's kernels (`kernels`), or, when the backward itself is being recorded
+    (grad mode on: backward(create_graph=True), autograd.grad(..., create_graph=True)), `differentiable` -- the
+    kernels have no autograd, so their result would be a constant and the second derivative silently wrong."""
+    def backward(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return kernels(ctx, *grads)
+        if differentiable is None:
+            raise NotImplementedError(f"fusedcnn::{name}: double backward (create_graph=True) is not supported")
+        return differentiable(ctx, *grads)
+    return backward
+
+
 def register(name: str, *, fake: Callable, setup_context: Callable | None = None,
-             backward_factory: Callable[[str], Callable] | None = None) -> None:
+             backward_factory: Callable[[str], Callable] | None = None,
+             differentiable_backward: Callable | None = None) -> None:
     """Register the fake function and (if given) the autograd formula of op `name` for every compiled backend
     that has it. backward_factory(backend) returns the autograd backward for that backend, so each backend's
-    backward calls that backend's own backward kernels."""
+    backward calls that backend's own backward kernels. differentiable_backward(ctx, *grads) returns the same
+    gradients computed with differentiable torch ops from ctx's saved tensors (saved inputs keep their autograd
+    history); it runs instead when the backward runs with grad mode on (double backward). Without it, such a
+    backward raises NotImplementedError."""
     for backend in (b for b in registered_backends() if _ONLY.get(name, b) == b):
         try:
             fwd = op(backend, name)
@@ -90,7 +114,8 @@ def register(name: str, *, fake: Callable, setup_context: Callable | None = None
             continue
         torch.library.register_fake(fwd)(fake)
         if backward_factory is not None:
-            torch.library.register_autograd(fwd, backward_factory(backend), setup_context=setup_context)
+            torch.library.register_autograd(fwd, _backward(name, backward_factory(backend), differentiable_backward),
+                                            setup_context=setup_context)
 
 
 class CompiledOps:
@@ -123,6 +148,20 @@ def implement(family: str, table: dict[str, object]) -> dict[str, object]:
     return table
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def dispatch(family: str, backend: str | None, x: torch.Tensor):
-    """The implementation that runs `family` on tensor x with the requested `backend` (None = the context's)."""
-    return _IMPLEMENTATIONS[family][backends.resolve(backend, x, family)]
+    """The implementation that runs `family` on tensor x with the requested `backend` (None = the context's).
+
+    Autograd modes: while a torch.func transform is active (vmap, grad, jvp, jacfwd, jacrev, functional_call
+    under them) or forward-mode AD is (inside torch.autograd.forward_ad.dual_level()), the family's `torch`
+    implementation runs whatever backend was asked for: the same math, with torch's own batching rules and
+    forward-mode formulas (the compiled ops and the reference's autograd.Functions have neither). The backend is
+    still resolved first, so an unknown or unavailable one raises as usual. Dropout then draws torch's mask (and
+    follows vmap's `randomness=`), not the Philox stream.
+    """
+    name = backends.resolve(backend, x, family)
+    if _transforms_active() or _forward_ad._current_level >= 0:
+        name = "torch"
+    return _IMPLEMENTATIONS[family][name]

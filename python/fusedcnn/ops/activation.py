@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import dense_format
+from fusedcnn.common import autocast_op, dense_format, fx_traceable
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "activation"
@@ -43,7 +43,14 @@ def _backward_factory(backend: str):
     return backward
 
 
-register("relu", fake=_fake_like, setup_context=_setup_context, backward_factory=_backward_factory)
+def _differentiable_backward(ctx, grad_out):
+    # Double backward: aten's threshold_backward is differentiable in grad_out (the mask out > 0 is constant).
+    (out,) = ctx.saved_tensors
+    return torch.ops.aten.threshold_backward(grad_out, out, 0)
+
+
+register("relu", fake=_fake_like, setup_context=_setup_context, backward_factory=_backward_factory,
+         differentiable_backward=_differentiable_backward)
 register("relu_backward", fake=lambda g, y: _fake_like(y))
 
 
@@ -68,6 +75,8 @@ IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Kernel(refer
 
 
 # ---- public functional entry point
+@fx_traceable
+@autocast_op()  # under autocast: the input's dtype, as torch's relu
 def relu(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
     """torch.nn.functional.relu with a `backend=` choice."""
     if not isinstance(input, Tensor):

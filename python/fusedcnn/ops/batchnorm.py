@@ -2,7 +2,7 @@
 
 x: (N, C, H, W) float16|bfloat16|float32 (cpp CPU and reference also float64), NCHW or NHWC;
 the output has x's dtype, shape and memory format. Per-channel statistics are float32 (float64 for
-float64 input); weight/bias/running stats may have any floating dtype (as in AMP: bf16 x, fp32 params).
+float64 input); weight/bias/running stats have x's dtype, or all float32 (float16/bfloat16/float64 x).
 
 Four compiled ops per backend (cpp: torch.ops.fusedcnn.<name>; triton: torch.ops.fusedcnn.triton_<name>):
   batch_norm_stats(x) -> (mean, var)                       per-channel mean, biased variance (stable merge)
@@ -43,7 +43,7 @@ from torch import Tensor
 
 from fusedcnn import reference
 from fusedcnn.ops._registry import define, dispatch, has_op, implement, op, register
-from fusedcnn.common import accumulation_dtype
+from fusedcnn.common import accumulation_dtype, autocast_op, fx_traceable
 from fusedcnn.reference.batchnorm import update_running_stats
 from fusedcnn.common import dense_format
 
@@ -96,15 +96,57 @@ def _affine_grads(sum_dy, sum_dy_xmu, invstd, weight, bias, need_w, need_b):
     return dw, db
 
 
+def _differentiable_grads(grad_out, x, weight, bias, mean, invstd, eps, training, relu, group, needs):
+    """(dx, dweight, dbias) from differentiable torch ops, for double backward (the kernels have no autograd).
+
+    x: (N, C, H, W) with its autograd history; mean, invstd: the forward's (C,) statistics (acc dtype, constant).
+    In training the statistics are functions of x: they are recomputed differentiably (over every rank of
+    `group`), so d(dx)/dx includes their derivative. The ReLU mask uses the forward's own statistics (constant).
+    """
+    need_x, need_w, need_b = needs
+    acc, c = mean.dtype, (1, -1, 1, 1)
+    w = None if weight is None else weight.to(acc).view(c)
+    g = grad_out.to(acc)
+    xf = x.to(acc)
+    if relu:
+        with torch.no_grad():
+            z = (xf - mean.view(c)) * invstd.view(c)
+            z = z if w is None else z * w
+            z = z if bias is None else z + bias.to(acc).view(c)
+        g = g * (z > 0)
+    count = None
+    if training:
+        mean, var, count = reference.batch_norm_stats(x, group)
+        invstd = torch.rsqrt(var + eps)
+    xmu = xf - mean.view(c)
+    sum_dy, sum_dy_xmu = g.sum((0, 2, 3)), (g * xmu).sum((0, 2, 3))
+    dw = (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None  # local, as the kernels' (and SyncBatchNorm)
+    db = sum_dy.to(bias.dtype) if need_b else None
+    dx = None
+    if need_x:
+        scale = invstd if w is None else invstd * w.view(-1)
+        if training:
+            if group is not None:
+                from torch.distributed.nn.functional import all_reduce
+                sum_dy, sum_dy_xmu = all_reduce(torch.cat([sum_dy, sum_dy_xmu]), group=group).split(sum_dy.numel())
+            dx = g - (sum_dy / count).view(c) - xmu * (invstd * invstd * sum_dy_xmu / count).view(c)
+            dx = dx * scale.view(c)
+        else:
+            dx = g * scale.view(c)
+        dx = dx.to(x.dtype)
+    return dx, dw, db
+
+
 # ---- autograd over the compiled ops (one Function: sync BN needs collectives between the kernels)
 class _BatchNormApply(torch.autograd.Function):
     """y = relu?((x - mean) * invstd * weight + bias); when `training`, mean/invstd are x's batch statistics
-    (over every rank of `group`) and the backward differentiates through them."""
+    (over every rank of `group`, invstd = rsqrt(var + eps)) and the backward differentiates through them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, training, relu, backend, group):
+    def forward(ctx, x, weight, bias, mean, invstd, count, training, relu, backend, group, eps):
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.count, ctx.training, ctx.relu, ctx.backend, ctx.group = count, training, relu, backend, group
+        ctx.eps = eps
         return op(backend, "batch_norm_apply")(x, mean, invstd, weight, bias, relu)
 
     @staticmethod
@@ -113,7 +155,10 @@ class _BatchNormApply(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if not (need_x or need_w or need_b):
-            return (None,) * 10
+            return (None,) * 11
+        if torch.is_grad_enabled():  # double backward: differentiable torch ops instead of the kernels
+            return _differentiable_grads(grad_out, x, weight, bias, mean, invstd, ctx.eps, ctx.training, ctx.relu,
+                                         ctx.group, (need_x, need_w, need_b)) + (None,) * 8
         sum_dy = sum_dy_xmu = None
         if ctx.training or need_w or need_b:  # pass 1: per-channel reduction
             sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_backward_reduce")(
@@ -128,7 +173,7 @@ class _BatchNormApply(torch.autograd.Function):
                 sum_dy = sum_dy_xmu = None
             dx = op(ctx.backend, "batch_norm_backward_elemt")(  # pass 2: elementwise
                 grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, float(ctx.count), ctx.relu)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -141,7 +186,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, relu, backend):
         y, mean, var, invstd = op(backend, "batch_norm_train_forward")(x, weight, bias, eps, relu)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.relu, ctx.backend = relu, backend
+        ctx.relu, ctx.backend, ctx.eps = relu, backend, eps
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -150,6 +195,9 @@ class _BatchNormTrain(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
+        if torch.is_grad_enabled():  # double backward: differentiable torch ops instead of the kernels
+            return _differentiable_grads(grad_out, x, weight, bias, mean, invstd, ctx.eps, True, ctx.relu, None,
+                                         (need_x, need_w, need_b)) + (None,) * 3
         if need_x:
             dx, sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_train_backward")(
                 grad_out, x, mean, invstd, weight, bias, ctx.relu)
@@ -192,7 +240,7 @@ def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, m
         acc = accumulation_dtype(x.dtype)
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     invstd = torch.rsqrt(var + eps)
-    return _BatchNormApply.apply(x, weight, bias, mean, invstd, count, training, relu, backend, group)
+    return _BatchNormApply.apply(x, weight, bias, mean, invstd, count, training, relu, backend, group, eps)
 
 
 # ---- argument checks (torch's messages), shared by both functionals
@@ -213,6 +261,30 @@ def _check_args(input, running_mean, running_var, weight, bias, training):
         size = input.numel() // c if c else 0
         if size <= 1 and input.numel() > 0:  # message and type of torch.nn.functional._verify_batch_size
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must either both be None or neither be None")
+    check_parameter_dtypes(input.dtype, weight, bias, running_mean, running_var)
+
+
+_TYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def check_parameter_dtypes(dtype: torch.dtype, *params) -> None:
+    """torch's BatchNorm rule for the dtypes of (weight, bias, running_mean, running_var) with input `dtype`
+    (and its messages, those of ATen's CPU kernels): all of the input's dtype, or -- when the first one given
+    differs ("mixed dtype") -- all float32 with float16 or bfloat16 input (AMP). One extension: float64 input
+    with float32 parameters runs (in float64), where torch raises "all inputs must share same datatype"."""
+    given = [t for t in params if t is not None]
+    if given and given[0].dtype != dtype:
+        if any(t.dtype != torch.float32 for t in given):
+            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float64):
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+        return
+    for t in given:
+        if t.dtype != dtype:
+            raise RuntimeError(f"expected scalar type {_TYPE_NAMES.get(dtype, dtype)} but found "
+                               f"{_TYPE_NAMES.get(t.dtype, t.dtype)}")
 
 
 def _as_4d(x: Tensor) -> Tensor:
@@ -267,6 +339,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 
 # ---- public functional entry points
+@fx_traceable
+@autocast_op()  # under autocast: the input's dtype, parameters as given (torch's batch_norm)
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                *, backend: str | None = None, sync: bool = False) -> Tensor:
@@ -275,6 +349,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False, backend, sync)
 
 
+@fx_traceable
+@autocast_op()
 def batch_norm_relu(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                     weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5, *, backend: str | None = None,

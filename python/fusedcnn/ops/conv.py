@@ -1,6 +1,6 @@
 """Conv2d on every backend: the compiled ops, their shared fake and autograd, and the public conv2d.
 
-    x:      (N, C, H, W) or unbatched (C, H, W)   float32|float16|bfloat16 (cpp CPU: float32|float64|bfloat16)
+    x:      (N, C, H, W) or unbatched (C, H, W)   float32|float64|float16|bfloat16
                                                   NCHW or NHWC
     weight: (C_out, C // groups, kH, kW)
     bias:   (C_out,) or None
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import autocast_inputs, conv_output_size, dense_format, explicit_padding, pair
+from fusedcnn.common import autocast_op, conv_output_size, dense_format, explicit_padding, fx_traceable, pair
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "conv"
@@ -78,7 +78,20 @@ def _backward_factory(backend: str):
     return backward
 
 
-register("conv2d", fake=_conv2d_fake, setup_context=_setup_context, backward_factory=_backward_factory)
+def _differentiable_backward(ctx, grad_out):
+    # Double backward: aten's convolution_backward is differentiable in grad_out, x and weight.
+    x, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return (None,) * 8
+    stride, padding, dilation, groups = ctx.args
+    grads = torch.ops.aten.convolution_backward(grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None,
+                                                stride, padding, dilation, False, [0, 0], groups, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+
+
+register("conv2d", fake=_conv2d_fake, setup_context=_setup_context, backward_factory=_backward_factory,
+         differentiable_backward=_differentiable_backward)
 register("conv2d_backward", fake=_conv2d_backward_fake)
 
 
@@ -116,6 +129,9 @@ def check_conv2d_args(input, weight, bias, stride, padding, dilation, groups, al
         raise RuntimeError("non-positive dilation is not supported")
     x = input.unsqueeze(0) if input.dim() == 3 else input
     c_out = weight.shape[0]
+    if c_out < groups:  # 0 output channels included (torch.nn.Conv2d(C, 0, k) builds; its forward raises this)
+        raise RuntimeError(f"Given groups={groups}, expected weight to be at least {groups} at dimension 0, but got "
+                           f"weight of size {list(weight.shape)} instead")
     if c_out % groups != 0:
         raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
                            f"but got weight of size [{list(weight.shape)}] instead")
@@ -162,6 +178,8 @@ IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Reference, "
 
 
 # ---- public functional entry point
+@fx_traceable
+@autocast_op("input", "weight", "bias")  # as torch's conv: in the autocast dtype
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, backend: str | None = None, algo: str = "auto") -> Tensor:
     """torch.nn.functional.conv2d with a `backend=` choice.
@@ -172,7 +190,6 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     if not isinstance(input, Tensor):
         raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(input).__name__}")
     impl = dispatch(FAMILY, backend, input)
-    input, weight, bias = autocast_inputs(input, weight, bias)  # as torch's conv: the autocast dtype
     x, stride, (top, bottom, left, right), dilation = check_conv2d_args(input, weight, bias, stride, padding, dilation,
                                                              groups, algo)
     if (top, left) != (bottom, right):

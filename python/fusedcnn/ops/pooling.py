@@ -1,6 +1,6 @@
 """Pooling: max, average, adaptive average, adaptive max (global 1x1 included).
 
-x: (N, C, H, W) or unbatched (C, H, W); float32|float16|bfloat16 (cpp on CPU: float32|float64|bfloat16),
+x: (N, C, H, W) or unbatched (C, H, W); float32|float64|float16|bfloat16 (cpp on CUDA: no float64),
 NCHW or NHWC -> out (N, C, OH, OW) in x's memory format (as torch). Indices: flat h*W+w per plane, int64.
 
 Ops (the same schema for cpp `torch.ops.fusedcnn.<name>` and triton `torch.ops.fusedcnn.triton_<name>`):
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import adaptive_geometry, dense_format, pooled_size, regular_geometry
+from fusedcnn.common import adaptive_geometry, autocast_op, dense_format, fx_traceable, pooled_size, regular_geometry
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "pooling"
@@ -127,13 +127,45 @@ def _adaptive_max_pool2d_backward(backend):
     return backward
 
 
-register("max_pool2d", fake=_fake_max_pool2d, setup_context=_save_x, backward_factory=_max_pool2d_backward)
-register("avg_pool2d", fake=_fake_avg_pool2d, setup_context=_save_shape, backward_factory=_avg_pool2d_backward)
+# Double backward (grad mode on in backward): aten's pooling backward ops, differentiable in grad_out (each is
+# linear in it). They take the input for its shape only where the ctx saves just the shape: an uninitialized one.
+def _input_like(ctx, grad_out: Tensor) -> Tensor:
+    return _empty(grad_out, ctx.input_size)
+
+
+def _max_pool2d_differentiable(ctx, grad_out, grad_indices):
+    (x,) = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, ceil_mode, _ = ctx.args
+    # The argmax, as the kernels pick it (first maximum in scan order, NaN wins), from torch's forward.
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x.detach(), kernel_size, stride, padding, dilation, ceil_mode)
+    grad = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding, dilation,
+                                                           ceil_mode, indices)
+    return grad, *([None] * 6)
+
+
+def _avg_pool2d_differentiable(ctx, grad_out):
+    return torch.ops.aten.avg_pool2d_backward(grad_out, _input_like(ctx, grad_out), *ctx.args), *([None] * 6)
+
+
+def _adaptive_avg_pool2d_differentiable(ctx, grad_out):
+    return torch.ops.aten._adaptive_avg_pool2d_backward(grad_out, _input_like(ctx, grad_out)), None
+
+
+def _adaptive_max_pool2d_differentiable(ctx, grad_out, grad_indices):
+    (indices,) = ctx.saved_tensors
+    return torch.ops.aten.adaptive_max_pool2d_backward(grad_out, _input_like(ctx, grad_out), indices), None
+
+
+register("max_pool2d", fake=_fake_max_pool2d, setup_context=_save_x, backward_factory=_max_pool2d_backward,
+         differentiable_backward=_max_pool2d_differentiable)
+register("avg_pool2d", fake=_fake_avg_pool2d, setup_context=_save_shape, backward_factory=_avg_pool2d_backward,
+         differentiable_backward=_avg_pool2d_differentiable)
 register("adaptive_avg_pool2d", fake=_fake_adaptive, setup_context=_save_shape,
-         backward_factory=_adaptive_avg_pool2d_backward)
+         backward_factory=_adaptive_avg_pool2d_backward, differentiable_backward=_adaptive_avg_pool2d_differentiable)
 register("adaptive_max_pool2d", fake=lambda x, output_size: (_fake_adaptive(x, output_size),
                                                               _empty(x, (*x.shape[:2], *output_size), torch.int64)),
-         setup_context=_save_indices, backward_factory=_adaptive_max_pool2d_backward)
+         setup_context=_save_indices, backward_factory=_adaptive_max_pool2d_backward,
+         differentiable_backward=_adaptive_max_pool2d_differentiable)
 
 
 # ---- one implementation per backend, with the compiled ops' arguments and results (x: (N, C, H, W)):
@@ -165,8 +197,41 @@ class _Reference:
     adaptive_max_pool2d = staticmethod(lambda x, output_size: reference.adaptive_max_pool2d(x, output_size, True))
 
 
+class _CppOps(CompiledOps):
+    """The cpp ops; adaptive pooling with windows of more than _MAX_TAPS taps runs in two passes -- each row's
+    windows (N, C, H, OW), then each column's (N, C, OH, OW) -- because the CPU kernels' tiled path (global
+    pooling is one tile) keeps an int64 offset per window tap: 17 GB for a 46341x46341 plane. Adaptive windows are
+    separable, so the result is the same (average: up to rounding; max: the same value and index, the first
+    maximum in row-major order, the last NaN), and autograd runs through both passes."""
+
+    _MAX_TAPS = 1 << 16
+
+    def __init__(self):
+        super().__init__("cpp")
+
+    def _large(self, x: Tensor, output_size) -> bool:
+        (H, W), (OH, OW) = x.shape[-2:], output_size
+        return OH > 0 and OW > 0 and (-(-H // OH) + 1) * (-(-W // OW) + 1) > self._MAX_TAPS
+
+    def adaptive_avg_pool2d(self, x: Tensor, output_size) -> Tensor:
+        pool = op("cpp", "adaptive_avg_pool2d")
+        if not self._large(x, output_size):
+            return pool(x, output_size)
+        return pool(pool(x, [x.shape[2], output_size[1]]), output_size)
+
+    def adaptive_max_pool2d(self, x: Tensor, output_size):
+        pool = op("cpp", "adaptive_max_pool2d")
+        if not self._large(x, output_size):
+            return pool(x, output_size)
+        N, C = x.shape[:2]
+        rows, row_idx = pool(x, [x.shape[2], output_size[1]])  # (N, C, H, OW), flat h*W+w into x
+        out, idx = pool(rows, output_size)                      # (N, C, OH, OW), flat h*OW+ow into rows
+        idx = row_idx.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).view(out.shape)
+        return out, idx.contiguous(memory_format=dense_format(out))
+
+
 IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Reference, "triton": CompiledOps("triton"),
-                                     "cpp": CompiledOps("cpp")})
+                                     "cpp": _CppOps()})
 
 
 # ---- public functional entry points (torch.nn.functional's signatures + backend=)
@@ -188,6 +253,8 @@ def _out(res, return_indices: bool):
     return (res[0], res[1]) if return_indices else res[0]
 
 
+@fx_traceable
+@autocast_op()  # pooling under autocast: the input's dtype, as torch's
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False, *, backend: str | None = None):
     """torch.nn.functional.max_pool2d with a `backend=` choice."""
@@ -198,6 +265,8 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
                                                        return_indices), return_indices), input)
 
 
+@fx_traceable
+@autocast_op()
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None, *, backend: str | None = None):
     """torch.nn.functional.avg_pool2d with a `backend=` choice."""
@@ -206,10 +275,17 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError("divisor must be not zero")
     k, s, p, _, _ = regular_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
-    return _run_batched(lambda x: impl.avg_pool2d(x, list(k), list(s), list(p), ceil_mode, count_include_pad,
-                                                  divisor_override), input)
+    # torch divides by a negative divisor_override as given; the kernels take a positive one, and
+    # sum / -d == -(sum / d) exactly (round to nearest is symmetric), in every dtype.
+    negative = divisor_override is not None and divisor_override < 0
+    divisor = -divisor_override if negative else divisor_override
+    out = _run_batched(lambda x: impl.avg_pool2d(x, list(k), list(s), list(p), ceil_mode, count_include_pad,
+                                                 divisor), input)
+    return -out if negative else out
 
 
+@fx_traceable
+@autocast_op()
 def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = None):
     """torch.nn.functional.adaptive_avg_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_avg_pool2d")
@@ -218,6 +294,8 @@ def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = Non
     return _run_batched(lambda x: impl.adaptive_avg_pool2d(x, list(out_hw)), input)
 
 
+@fx_traceable
+@autocast_op()
 def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False, *, backend: str | None = None):
     """torch.nn.functional.adaptive_max_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_max_pool2d")

@@ -54,7 +54,10 @@ def batch_norm_stats(x: Tensor, process_group=None) -> tuple[Tensor, Tensor, int
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
                          count: int, momentum: float) -> None:
-    """running <- (1 - momentum) * running + momentum * batch, in place; the variance unbiased (var * M / (M-1))."""
+    """running <- (1 - momentum) * running + momentum * batch, in place; the variance unbiased (var * M / (M-1)).
+    An empty batch (count 0) leaves them unchanged, as torch does."""
+    if isinstance(count, int) and count == 0:
+        return
     if running_mean is not None:
         running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
