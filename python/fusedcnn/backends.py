@@ -26,12 +26,12 @@ from fusedcnn.common import triton_interpreted
 BACKENDS = ("torch", "reference", "triton", "cpp")
 CHOICES = BACKENDS + ("auto",)
 
-# "auto": the fastest available backend for the tensor's device, per layer family.
-# On CPU the Triton interpreter is a test tool, never an automatic choice.
-# On CPU the cpp kernels measured slower than torch (oneDNN) for every family on the cpu preset
-# (benchmarks/results/cpu-amd-epyc/kernels-cpu.md), so "auto" keeps torch there until that changes.
+# "auto" measures (fusedcnn.autotune: the fastest backend that agrees with torch, per call signature). This is
+# the static order it falls back to: with FUSEDCNN_AUTOTUNE=0, under torch.compile tracing, and for calls it
+# cannot replay. It follows the committed measurements (benchmarks/NOTES.md): on CPU per family; on CUDA torch
+# until a GPU record shows a fusedcnn kernel ahead. On CPU the Triton interpreter is never an automatic choice.
 _AUTO_ORDER = {
-    "cuda": ("triton", "cpp", "torch"),
+    "cuda": ("torch",),
     "cpu": ("torch",),
 }
 # Families where another order is faster (measured; see benchmarks/NOTES.md).
@@ -49,6 +49,24 @@ _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedcnn_b
 # or task: on torch 2.13, compiled code in two threads under different use_backend blocks sees the latest choice.)
 _TRACE_CONTEXTVAR = torch.__version__ >= (2, 14)
 _chosen_for_compile: str | None = None
+
+
+_ENV = getattr(os.environ, "_data", None)  # the dict behind os.environ (POSIX: encoded bytes keys and values)
+
+
+def getenv(name: str) -> str | None:
+    """os.environ.get(name), read on every layer call: os.environ.get costs ~1 us (it encodes the key each
+    time), a lookup in the dict behind it with the key encoded once ~0.1 us. Sees every os.environ change."""
+    if _ENV is None or torch.compiler.is_compiling():
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    value = _ENV.get(key)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEYS: dict[str, object] = {}
 
 
 def _check_name(name: str, where: str) -> str:
@@ -156,29 +174,39 @@ def current_backend() -> str:
         name = _chosen_for_compile
     if name is not None and name != "auto":
         return name
-    env = os.environ.get("FUSEDCNN_BACKEND")
+    env = getenv("FUSEDCNN_BACKEND")
     if env:
         return _check_name(env.strip(), " in the environment variable FUSEDCNN_BACKEND")
     return "auto"
 
 
-def resolve(requested: str | None, x: torch.Tensor, family: str) -> str:
-    """The backend that runs layer family `family` ("conv", "batchnorm", ...) on tensor `x`.
-
-    `requested` is the layer's own choice: None or "auto" defer to the context.
-    """
-    if requested is not None:
+def choose(requested: str | None, x: torch.Tensor, family: str) -> str | None:
+    """The backend named for layer family `family` on tensor x, or None for "auto" (fusedcnn.autotune measures;
+    static_choice is its fallback). `requested` is the layer's own choice: None or "auto" defer to the context.
+    A named backend that cannot run here raises."""
+    if requested is not None and requested not in CHOICES:
         _check_name(requested, "")
     name = requested if requested not in (None, "auto") else current_backend()
-    device_type = x.device.type
     if name == "auto":
-        order = _AUTO_ORDER_OVERRIDES.get((device_type, family), _AUTO_ORDER.get(device_type, ("torch",)))
-        for candidate in order:
-            if unavailable_reason(candidate, device_type) is None and dtype_supported(candidate, device_type, family,
-                                                                                       x.dtype):
-                return candidate
-        return "torch"
+        return None
+    device_type = x.device.type
     why = unavailable_reason(name, device_type)
     if why is not None:
         raise RuntimeError(f"fusedcnn: backend '{name}' cannot run {family} on {device_type} tensors: {why}")
     return name
+
+
+def static_choice(family: str, x: torch.Tensor) -> str:
+    """"auto" without measuring: the first backend of the static order that can run `family` on x."""
+    device_type = x.device.type
+    order = _AUTO_ORDER_OVERRIDES.get((device_type, family), _AUTO_ORDER.get(device_type, ("torch",)))
+    for candidate in order:
+        if unavailable_reason(candidate, device_type) is None and dtype_supported(candidate, device_type, family,
+                                                                                   x.dtype):
+            return candidate
+    return "torch"
+
+
+def resolve(requested: str | None, x: torch.Tensor, family: str) -> str:
+    """The backend that runs layer family `family` on tensor x ("auto": the static order's choice)."""
+    return choose(requested, x, family) or static_choice(family, x)

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from fusedcnn import backends
+from fusedcnn import autotune, backends
 
 COMPILED_BACKENDS = ("triton", "cpp")
 
@@ -91,6 +91,12 @@ def _backward(name: str, kernels: Callable, differentiable: Callable | None) -> 
     return backward
 
 
+def has_cpp_autograd(name: str) -> bool:
+    """Whether the cpp op `name` has its autograd in C++ (csrc/<family>/<family>_autograd.cpp: an Autograd-key
+    kernel). Asked before `register` adds the Python one; False with a fusedcnn._C built before it existed."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedcnn::{name}", "Autograd")
+
+
 def register(name: str, *, fake: Callable, setup_context: Callable | None = None,
              backward_factory: Callable[[str], Callable] | None = None,
              differentiable_backward: Callable | None = None) -> None:
@@ -113,7 +119,7 @@ def register(name: str, *, fake: Callable, setup_context: Callable | None = None
                 "`pip install --no-build-isolation -e .` (or bash scripts/setup.sh)")
             continue
         torch.library.register_fake(fwd)(fake)
-        if backward_factory is not None:
+        if backward_factory is not None and not (backend == "cpp" and has_cpp_autograd(name)):
             torch.library.register_autograd(fwd, _backward(name, backward_factory(backend), differentiable_backward),
                                             setup_context=setup_context)
 
@@ -132,6 +138,7 @@ class CompiledOps:
 
 # ---------------------------------------------------------------- implementation tables and dispatch
 _IMPLEMENTATIONS: dict[str, dict[str, object]] = {}  # family -> {backend: implementation}
+_AUTO: dict[str, "_Measured"] = {}  # family -> its "auto" implementation
 
 
 def families() -> tuple[str, ...]:
@@ -139,13 +146,41 @@ def families() -> tuple[str, ...]:
     return tuple(sorted(_IMPLEMENTATIONS))
 
 
-def implement(family: str, table: dict[str, object]) -> dict[str, object]:
-    """Register family's table {backend: implementation}; every backend of fusedcnn.backends must appear."""
+def implement(family: str, table: dict[str, object], *, random: tuple[str, ...] = ()) -> dict[str, object]:
+    """Register family's table {backend: implementation}; every backend of fusedcnn.backends must appear.
+    random: the methods that draw a dropout mask (autotune checks them against reference's Philox mask)."""
     missing = set(backends.BACKENDS) - set(table)
     if missing:
         raise ValueError(f"family {family!r} has no implementation for backend(s) {sorted(missing)}")
     _IMPLEMENTATIONS[family] = table
+    _AUTO[family] = _Measured(family, table, random)
     return table
+
+
+class _Measured:
+    """A family's "auto" implementation: each method call runs on the backend fusedcnn.autotune chose for the
+    call's signature (measured on first use), or on the static order's when the call cannot be replayed."""
+
+    def __init__(self, family: str, table: dict[str, object], random: tuple[str, ...]):
+        self.family, self.table, self.random = family, table, random
+
+    def __getattr__(self, method: str):
+        if method.startswith("__"):
+            raise AttributeError(method)
+        family, table, random = self.family, self.table, method in self.random
+
+        def call(*args, **kwargs):
+            x = next(a for a in args if isinstance(a, torch.Tensor))  # every method takes a tensor
+            key = autotune.signature(family, method, args, kwargs)
+            if key is None:
+                name = backends.static_choice(family, x)
+            else:
+                name = autotune.decide(family, method, table, args, kwargs, x, key, random)
+            return getattr(table[name], method)(*args, **kwargs)
+
+        call.__name__ = method
+        setattr(self, method, call)  # later lookups skip __getattr__
+        return call
 
 
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -154,6 +189,9 @@ _transforms_active = torch._C._are_functorch_transforms_active
 def dispatch(family: str, backend: str | None, x: torch.Tensor):
     """The implementation that runs `family` on tensor x with the requested `backend` (None = the context's).
 
+    "auto" measures (fusedcnn.autotune) unless FUSEDCNN_AUTOTUNE=0 or torch.compile is tracing: then the static
+    order of fusedcnn.backends decides.
+
     Autograd modes: while a torch.func transform is active (vmap, grad, jvp, jacfwd, jacrev, functional_call
     under them) or forward-mode AD is (inside torch.autograd.forward_ad.dual_level()), the family's `torch`
     implementation runs whatever backend was asked for: the same math, with torch's own batching rules and
@@ -161,7 +199,11 @@ def dispatch(family: str, backend: str | None, x: torch.Tensor):
     still resolved first, so an unknown or unavailable one raises as usual. Dropout then draws torch's mask (and
     follows vmap's `randomness=`), not the Philox stream.
     """
-    name = backends.resolve(backend, x, family)
+    name = backends.choose(backend, x, family)
     if _transforms_active() or _forward_ad._current_level >= 0:
-        name = "torch"
+        return _IMPLEMENTATIONS[family]["torch"]
+    if name is None:  # "auto"
+        if autotune.enabled() and not torch.compiler.is_compiling():
+            return _AUTO[family]
+        name = backends.static_choice(family, x)
     return _IMPLEMENTATIONS[family][name]

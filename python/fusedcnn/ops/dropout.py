@@ -112,7 +112,7 @@ class _Philox:
 
 
 IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Philox("reference"),
-                                     "triton": _Philox("triton"), "cpp": _Philox("cpp")})
+                                     "triton": _Philox("triton"), "cpp": _Philox("cpp")}, random=("dropout",))
 
 
 # ---- public functional entry point

@@ -394,7 +394,7 @@ class _Triton:
 
 
 IMPLEMENTATIONS = implement(FAMILY, {"torch": _Composition("torch"), "reference": _Composition("reference"),
-                                     "cpp": _Composition("cpp"), "triton": _Triton})
+                                     "cpp": _Composition("cpp"), "triton": _Triton}, random=("linear_relu_dropout",))
 
 
 # ============================================================================ functional entry points

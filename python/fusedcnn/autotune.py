@@ -1,0 +1,509 @@
+"""backend="auto": the fastest backend measured for each layer call, chosen once per call signature.
+
+As torch.backends.cudnn.benchmark does for cuDNN's algorithms: the first call of a layer family's method with a
+new *signature* -- (method, grad mode, and per tensor argument: device, dtype, layout, shape with the batch size
+rounded up to a power of two, requires_grad; the other arguments' values) -- runs every candidate backend on
+clones of that call's arguments, keeps the ones that agree with torch, times them, and the fastest serves this
+and every later call with the same signature.
+
+Candidates: the backends available for the device and dtype (fusedcnn.backends), except `reference` (the
+readable oracle, never fast) and Triton on CPU tensors (the interpreter). torch is always one of them.
+
+The check (once per signature): outputs, input gradients (when the call records a graph: grad mode on and an
+input requiring grad) and every tensor argument the call mutates (running statistics, in-place ReLU) against
+torch's on the same clones, max |a - b| / max |b| within the dtype's tolerance (TOLERANCE); NaN where torch
+has none fails. Methods that draw a dropout mask are checked against `reference`, which draws the same Philox
+mask as triton and cpp (torch's mask comes from another stream), with the random state reset before each run.
+A backend that raises or disagrees is rejected (autotune_report() says why).
+
+The timing: forward, plus torch.autograd.grad of the outputs when the call records a graph; median of at
+least 3 runs and about 20 ms per candidate (CUDA synchronised around each run). A candidate must beat torch
+by more than MARGIN to be chosen over it (noise on a shared machine must not flip choices).
+
+No timing happens -- the static order (fusedcnn.backends) decides -- when:
+  FUSEDCNN_AUTOTUNE=0; torch.compile / torch.export is tracing; a torch.func transform or forward-mode AD is
+  active (ops/_registry.dispatch then runs torch anyway); the call carries something that cannot be cloned
+  and replayed (a process group: sync BatchNorm; a deferred triton activation).
+
+Distributed: with torch.distributed initialised over more than one process, rank 0 decides (measures, or reads
+its cache) and broadcasts the decision; every rank uses it, so all ranks run the same kernels.
+
+Cache: in memory for the process; on disk when FUSEDCNN_AUTOTUNE_CACHE names a JSON file (or
+set_cache_file(path)): decisions are stored per stamp (fusedcnn, torch versions, device name and CPU threads),
+written atomically after each new decision; a damaged file is ignored with a warning and rewritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fusedcnn import backends
+
+ENV_SWITCH = "FUSEDCNN_AUTOTUNE"
+ENV_CACHE = "FUSEDCNN_AUTOTUNE_CACHE"
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+TF32_TOLERANCE = 5e-3  # float32 on CUDA when TF32 is allowed (torch's own conv/matmul may round to it)
+MARGIN = 0.02  # a candidate must be this much faster than torch to replace it
+_MIN_RUNS, _MAX_RUNS, _TARGET_S = 3, 25, 0.02
+
+
+@dataclass
+class Decision:
+    """What "auto" chose for one call signature, and why."""
+    family: str
+    method: str
+    signature: str  # the key, readable
+    choice: str
+    times_ms: dict = field(default_factory=dict)  # backend -> median ms (fwd, or fwd+bwd when grad)
+    rejected: dict = field(default_factory=dict)  # backend -> why it was not a candidate
+    cost_s: float = 0.0  # the one-time cost of checking and timing (0 when read from a cache)
+    source: str = "measured"  # "measured" | "cache" | "rank 0" | "static" (measuring failed)
+
+
+_decisions: dict[tuple, Decision] = {}  # bucketed signature -> decision
+_seen: dict[tuple, Decision] = {}  # exact signature -> decision (the per-call lookup)
+_cache_path: Optional[str] = None  # set_cache_file(); else FUSEDCNN_AUTOTUNE_CACHE
+_disk: Optional[dict[str, dict]] = None  # this stamp's decisions read from the cache file, by signature
+_timer_hook: Optional[Callable[[str, float], float]] = None  # tests: adjust a measured time (backend, seconds)
+
+
+def enabled() -> bool:
+    """Whether "auto" measures (FUSEDCNN_AUTOTUNE is not "0")."""
+    value = backends.getenv(ENV_SWITCH)
+    return value is None or value.strip() != "0"
+
+
+def decisions() -> list[Decision]:
+    """Every decision taken in this process, in the order taken."""
+    return list(_decisions.values())
+
+
+def reset() -> None:
+    """Forget every decision (and the cache file's contents read so far); the file itself stays."""
+    global _disk
+    _decisions.clear()
+    _seen.clear()
+    _disk = None
+
+
+def set_cache_file(path: Optional[str]) -> None:
+    """Keep decisions in the JSON file `path` too (None: only FUSEDCNN_AUTOTUNE_CACHE, if set)."""
+    global _cache_path, _disk
+    _cache_path, _disk = (os.fspath(path) if path is not None else None), None
+
+
+# ---------------------------------------------------------------- the signature
+def _bucket(n: int) -> int:
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype})
+
+
+def _parts(values) -> Optional[list]:
+    """Each argument's part of a signature: a tensor's (dtype, device, shape, strides, requires_grad) -- strides
+    give the layout --, a plain value itself, a list or tuple part by part; None when one cannot be cloned and
+    replayed (a process group, a deferred activation)."""
+    parts = []
+    for a in values:
+        kind = type(a)
+        if kind in _PLAIN:
+            parts.append(a)
+        elif isinstance(a, Tensor):
+            parts.append((a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
+        elif (kind is tuple or kind is list) and _PLAIN.issuperset(map(type, a)):
+            parts.append(tuple(a))
+        elif kind is tuple or kind is list:  # BatchNorm's (running_mean, ..., eps) bundle
+            inner = _parts(a)
+            if inner is None:
+                return None
+            parts.append(tuple(inner))
+        else:
+            return None
+    return parts
+
+
+def signature(family: str, method: str, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The exact key of a call (it runs on every "auto" call: kept cheap); None when it cannot be replayed."""
+    parts = _parts(args)
+    if parts is None:
+        return None
+    if kwargs:
+        rest = _parts(kwargs.values())
+        if rest is None:
+            return None
+        parts += list(zip(kwargs, rest))
+    return (family, method, torch.is_grad_enabled(), *parts)
+
+
+def _is_tensor_part(p) -> bool:
+    return type(p) is tuple and len(p) == 5 and isinstance(p[0], torch.dtype)
+
+
+def bucketed(key: tuple) -> tuple:
+    """The key a decision is stored under: the first tensor's (the activation's) batch size rounded up to a power
+    of two, so a smaller last batch reuses the decision."""
+    parts = list(key)
+    for i, p in enumerate(parts[3:], 3):
+        if _is_tensor_part(p) and len(p[2]):
+            dtype, device, shape, strides, grad = p
+            parts[i] = (dtype, device, (_bucket(shape[0]), *shape[1:]), strides, grad)
+            break
+    return tuple(parts)
+
+
+def _readable(key: tuple) -> str:
+    def show(p):
+        if _is_tensor_part(p):
+            dtype, device, shape, strides, grad = p
+            nhwc = len(shape) == 4 and strides[1] == 1 and shape[1] > 1
+            return f"{str(dtype).replace('torch.', '')}{list(shape)}{' nhwc' if nhwc else ''}" \
+                   f"{' grad' if grad else ''}@{device}"
+        if isinstance(p, tuple):
+            return "(" + ", ".join(show(v) for v in p) + ")"
+        return repr(p)
+    family, method, grad_mode, *rest = key
+    return f"{method}[{'grad' if grad_mode else 'no-grad'} mode](" + ", ".join(show(p) for p in rest) + ")"
+
+
+# ---------------------------------------------------------------- cloning and running a call
+def _clone(a, leaves: list):
+    if isinstance(a, Tensor):
+        c = a.detach().clone(memory_format=torch.preserve_format)
+        if a.requires_grad and a.is_floating_point():
+            c.requires_grad_(True)
+            leaves.append(c)
+        return c
+    if isinstance(a, (list, tuple)):
+        return type(a)(_clone(v, leaves) for v in a)
+    return a
+
+
+def _outputs(out) -> list[Tensor]:
+    """A call's result as a flat list of tensors (a deferred activation materialized)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    if hasattr(out, "materialize"):
+        return [out.materialize()]
+    return []
+
+
+def _tensors(a) -> list[Tensor]:
+    if isinstance(a, Tensor):
+        return [a]
+    if isinstance(a, (list, tuple)):
+        return [t for v in a for t in _tensors(v)]
+    return []
+
+
+class _Trial:
+    """One backend's method on fresh clones of a call's arguments: run it, and differentiate it when `grad`."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, grad: bool):
+        self.fn, self.grad, self.leaves = fn, grad, []
+        self.args = _clone(args, self.leaves)
+        self.kwargs = {k: _clone(v, self.leaves) for k, v in kwargs.items()}
+        self.grad_outs: Optional[list[Tensor]] = None
+
+    def run(self):
+        """(outputs, input gradients) of one call; the first input tensor is cloned first, so a call that
+        writes its input in place (relu(inplace=True)) can be repeated (and a leaf is never written in place)."""
+        args = list(self.args)
+        if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            args[0] = args[0].clone()
+        outs = _outputs(self.fn(*args, **self.kwargs))
+        if not (self.grad and self.leaves):
+            return outs, []
+        diff = [o for o in outs if o.requires_grad]
+        if self.grad_outs is None:
+            gen = torch.Generator(device=diff[0].device if diff else "cpu").manual_seed(1234)
+            self.grad_outs = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in diff]
+        grads = torch.autograd.grad(diff, self.leaves, self.grad_outs, allow_unused=True) if diff else []
+        return outs, list(grads)
+
+    def state(self) -> list[Tensor]:
+        """The clones of every tensor argument (after a run: what the call mutated)."""
+        return _tensors(self.args) + _tensors(tuple(self.kwargs.values()))
+
+
+def _error(a: Optional[Tensor], b: Optional[Tensor], tol: float) -> Optional[str]:
+    """Why a differs from the golden b, or None."""
+    if a is None or b is None:
+        return None if a is None and b is None else "a gradient is missing"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"shape/dtype {tuple(a.shape)} {a.dtype} instead of {tuple(b.shape)} {b.dtype}"
+    if not a.is_floating_point():
+        return None if torch.equal(a, b) else "integer outputs (indices) differ"
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+        return "NaN where torch has none (or none where torch has one)"
+    finite = ~torch.isnan(b64)
+    if a64.numel() == 0 or not finite.any():
+        return None
+    scale = b64[finite].abs().max().item() or 1.0
+    err = ((a64 - b64)[finite].abs().max().item()) / scale
+    return None if err <= tol else f"max relative error {err:.2e} > {tol:.0e}"
+
+
+def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    if dtype == torch.float32 and device.type == "cuda" and (
+            torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+        return TF32_TOLERANCE
+    return TOLERANCE.get(dtype, 1e-4)
+
+
+def _snapshot(trial: _Trial) -> tuple[list, list, list]:
+    """(outputs, gradients, tensor arguments after the call) of one run, copied: the timing runs that follow
+    reuse the clones (running statistics go on moving). Empty outputs are left out (cpp's max_pool2d returns an
+    empty indices tensor where torch returns none)."""
+    outs, grads = trial.run()
+    copy = lambda ts: [None if t is None else t.detach().clone() for t in ts]  # noqa: E731
+    return copy([o for o in outs if o.numel() or o.is_floating_point()]), copy(grads), copy(trial.state())
+
+
+def _compare(result, golden, tol) -> Optional[str]:
+    if any(len(a) != len(b) for a, b in zip(result, golden)):
+        return "returns other outputs than torch"
+    for what, xs, ys in zip(("output", "gradient", "mutated argument"), result, golden):
+        for a, b in zip(xs, ys):
+            why = _error(a, b, tol)
+            if why:
+                return f"{what}: {why}"
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(trial: _Trial, device: torch.device) -> float:
+    times: list[float] = []
+    while len(times) < _MIN_RUNS or (len(times) < _MAX_RUNS and sum(times) < _TARGET_S):
+        _sync(device)
+        t0 = time.perf_counter()
+        trial.run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- deciding
+def _candidates(family: str, x: Tensor) -> tuple[list[str], dict]:
+    device_type, out, rejected = x.device.type, [], {}
+    for name in backends.BACKENDS:
+        if name == "reference":
+            rejected[name] = "the oracle, not a speed candidate"
+        elif name == "triton" and device_type == "cpu":
+            rejected[name] = "the Triton interpreter (CPU tensors)"
+        elif backends.unavailable_reason(name, device_type) is not None:
+            rejected[name] = backends.unavailable_reason(name, device_type)
+        elif not backends.dtype_supported(name, device_type, family, x.dtype):
+            rejected[name] = f"no {x.dtype} kernels for {family} on {device_type}"
+        else:
+            out.append(name)
+    return out, rejected
+
+
+def _measure(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: Tensor, key: tuple,
+             random: bool) -> Decision:
+    start = time.perf_counter()
+    names, rejected = _candidates(family, x)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args) + _tensors(tuple(kwargs.values())))
+    tol = _tolerance(x.dtype, x.device)
+    devices = [x.device] if x.device.type == "cuda" else []
+    times: dict[str, float] = {}
+    with torch.random.fork_rng(devices=devices):  # the measuring draws no number the real call would have drawn
+        rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+        def fresh_rng():
+            torch.set_rng_state(rng[0])
+            for d, s in zip(devices, rng[1]):
+                torch.cuda.set_rng_state(s, d)
+
+        golden = None
+        for name in (["reference"] if random else []) + names:
+            trial = _Trial(getattr(table[name], method), args, kwargs, grad)
+            try:
+                fresh_rng()
+                result = _snapshot(trial)
+                if golden is None:  # the first one run: torch, or reference for a dropout mask
+                    golden = result
+                elif name != "torch":
+                    why = _compare(result, golden, tol)
+                    if why:
+                        rejected[name] = f"disagrees with {'reference' if random else 'torch'}: {why}"
+                        continue
+                if name == "reference":
+                    continue
+                seconds = _median_seconds(trial, x.device)
+            except Exception as e:  # noqa: BLE001 -- a backend that cannot serve this call is not a candidate
+                if name == "torch" or (random and name == "reference"):
+                    raise
+                rejected[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                continue
+            if _timer_hook is not None:
+                seconds = _timer_hook(name, seconds)
+            times[name] = seconds
+    choice = min(times, key=lambda n: times[n] * (1.0 if n == "torch" else 1.0 + MARGIN))
+    return Decision(family, method, _readable(key), choice, {n: round(s * 1e3, 4) for n, s in times.items()},
+                    rejected, round(time.perf_counter() - start, 4))
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def decide(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: Tensor, key: tuple,
+           random: bool) -> str:
+    """The backend for this call signature (key: signature()): from memory, the cache file, rank 0, or measured
+    now."""
+    decision = _seen.get(key)
+    if decision is not None:
+        return decision.choice
+    exact, key = key, bucketed(key)
+    decision = _decisions.get(key)
+    if decision is not None:
+        _seen[exact] = decision
+        return decision.choice
+    readable = _readable(key)
+    if _distributed() and torch.distributed.get_rank() != 0:
+        decision = None
+    else:
+        decision = _from_disk(readable)
+        if decision is None:
+            try:
+                decision = _measure(family, method, table, args, kwargs, x, key, random)
+            except Exception as e:  # noqa: BLE001 -- torch itself failed on these arguments: the real call says why
+                decision = Decision(family, method, readable, backends.static_choice(family, x), source="static",
+                                    rejected={"measuring": f"{type(e).__name__}: {e}"[:200]})
+    if _distributed():
+        box = [asdict(decision) if decision is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        decision = Decision(**box[0])
+        if torch.distributed.get_rank() != 0:
+            decision.source, decision.cost_s = "rank 0", 0.0
+    _decisions[key] = _seen[exact] = decision
+    if decision.source == "measured" and (not _distributed() or torch.distributed.get_rank() == 0):
+        _save(readable, decision)
+    return decision.choice
+
+
+# ---------------------------------------------------------------- the cache file
+def _file() -> Optional[str]:
+    return _cache_path or os.environ.get(ENV_CACHE) or None
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "cpu")
+    except OSError:
+        model = "cpu"
+    return model
+
+
+def stamp() -> str:
+    """What a cached decision is valid for: fusedcnn and torch versions, the device, CPU threads."""
+    from fusedcnn import __version__
+    return f"fusedcnn {__version__} | torch {torch.__version__} | {_device_name()} | {torch.get_num_threads()} threads"
+
+
+def _read_file(path: str) -> dict:
+    """The file's {stamp: {signature: decision}}; {} (with a warning) when it is damaged."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        entries = data["decisions"]
+        if data.get("format") != 1 or not isinstance(entries, dict) or not all(
+                isinstance(v, dict) for v in entries.values()):
+            raise ValueError("not a fusedcnn autotune cache (format 1)")
+        return entries
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"fusedcnn: ignoring the damaged autotune cache {path} ({type(e).__name__}: {e}); "
+                      "it will be rewritten", RuntimeWarning, stacklevel=2)
+        return {}
+
+
+def _from_disk(readable: str) -> Optional[Decision]:
+    global _disk
+    path = _file()
+    if path is None:
+        return None
+    if _disk is None:
+        _disk = _read_file(path).get(stamp(), {})
+    record = _disk.get(readable)
+    if not isinstance(record, dict):
+        return None
+    try:
+        decision = Decision(**record)
+    except TypeError:
+        return None
+    if decision.choice not in backends.BACKENDS:
+        return None
+    decision.source, decision.cost_s = "cache", 0.0
+    return decision
+
+
+def _save(readable: str, decision: Decision) -> None:
+    path = _file()
+    if path is None:
+        return
+    entries = _read_file(path)
+    mine = entries.setdefault(stamp(), {})
+    mine[readable] = asdict(decision)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".autotune-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": 1, "decisions": entries}, f, indent=1)
+        os.replace(tmp, path)  # atomic: an interrupted write never leaves a half file
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- the report
+def report() -> str:
+    """A table of every decision: the call signature, the choice, each candidate's time, why others were left out,
+    and the one-time cost of measuring."""
+    rows = decisions()
+    if not rows:
+        return "fusedcnn autotune: no decision yet" + ("" if enabled() else f" ({ENV_SWITCH}=0: static order)")
+    lines = [f"fusedcnn autotune: {len(rows)} decision(s), measuring cost {sum(d.cost_s for d in rows):.3f} s in all"]
+    for d in rows:
+        times = ", ".join(f"{n} {ms:.3f} ms" for n, ms in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
+        lines.append(f"- {d.family}.{d.signature}: {d.choice} ({d.source}{'' if d.source != 'measured' else f', {d.cost_s:.3f} s'})"
+                     + (f"; timed: {times}" if times else ""))
+        for name, why in d.rejected.items():
+            if not why.startswith(("the oracle", "the Triton interpreter")):
+                lines.append(f"    {name}: {why}")
+    return "\n".join(lines)
+
+
+def summary() -> dict:
+    """Per family: how many signatures each backend won, and the measuring cost (for the benchmark tables)."""
+    out: dict[str, dict] = {}
+    for d in decisions():
+        fam = out.setdefault(d.family, {"choices": {}, "cost_s": 0.0})
+        fam["choices"][d.choice] = fam["choices"].get(d.choice, 0) + 1
+        fam["cost_s"] = round(fam["cost_s"] + d.cost_s, 4)
+    return out

@@ -1,0 +1,249 @@
+"""backend="auto" measures: the decision per call signature, the correctness gate, the cache (memory and disk),
+FUSEDCNN_AUTOTUNE=0, torch.compile, the random stream, and agreement across torch.distributed ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedcnn
+import fusedcnn.functional as FF
+from fusedcnn import autotune
+from fusedcnn.ops import _registry
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv("FUSEDCNN_BACKEND", raising=False)
+    monkeypatch.delenv(autotune.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(autotune.ENV_CACHE, raising=False)
+    autotune.reset()
+    autotune.set_cache_file(None)
+    yield
+    autotune.reset()
+    autotune.set_cache_file(None)
+
+
+def _favour(monkeypatch, winner: str):
+    """Make `winner` measure fastest (real timings of the others, 1000x longer)."""
+    monkeypatch.setattr(autotune, "_timer_hook", lambda name, s: s if name == winner else s * 1000 + 1.0)
+
+
+class _Candidate:
+    """A stand-in compiled backend for the activation family: relu computed by `fn`."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def relu(self, x, inplace):
+        self.calls += 1
+        return self.fn(x)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Put a stand-in backend in the activation table under the name "cpp" (always a candidate here)."""
+    table = _registry._IMPLEMENTATIONS["activation"]
+
+    def install(fn):
+        cand = _Candidate(fn)
+        monkeypatch.setitem(table, "cpp", cand)
+        monkeypatch.setattr(autotune, "_candidates", lambda family, x: (["torch", "cpp"], {}))
+        return cand
+    return install
+
+
+def test_decides_once_per_signature_and_reuses_it(stand_in, monkeypatch):
+    cand = stand_in(torch.relu)
+    _favour(monkeypatch, "cpp")
+    x = torch.randn(6, 3, 5, 5, requires_grad=True)
+    y = FF.relu(x)
+    torch.testing.assert_close(y, F.relu(x))
+    (d,) = autotune.decisions()
+    assert d.choice == "cpp" and d.family == "activation" and d.source == "measured"
+    assert set(d.times_ms) == {"torch", "cpp"} and d.cost_s > 0
+    calls = cand.calls
+    FF.relu(torch.randn(8, 3, 5, 5, requires_grad=True))  # batch 8: the same bucket as 6 (rounded up to 8)
+    assert len(autotune.decisions()) == 1 and cand.calls == calls + 1  # served, not measured again
+    FF.relu(torch.randn(6, 4, 5, 5, requires_grad=True))  # another shape: a new decision
+    FF.relu(torch.randn(6, 3, 5, 5))  # no gradient recorded: another signature
+    FF.relu(torch.randn(6, 3, 5, 5, dtype=torch.float64, requires_grad=True))
+    FF.relu(torch.randn(6, 3, 5, 5).to(memory_format=torch.channels_last).requires_grad_())
+    assert len(autotune.decisions()) == 5
+    text = fusedcnn.autotune_report()
+    assert "activation.relu" in text and "cpp" in text and "float64" in text and "nhwc" in text
+
+
+def test_a_wrong_candidate_is_never_chosen(stand_in, monkeypatch):
+    stand_in(lambda x: torch.relu(x) * (1 + 1e-3))  # fast and 1e-3 off
+    _favour(monkeypatch, "cpp")
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    FF.relu(x).sum().backward()
+    (d,) = autotune.decisions()
+    assert d.choice == "torch" and "disagrees with torch" in d.rejected["cpp"] and "relative error" in d.rejected["cpp"]
+
+
+def test_a_wrong_gradient_is_caught(stand_in, monkeypatch):
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.relu(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g  # the ReLU mask forgotten
+    stand_in(WrongGrad.apply)
+    _favour(monkeypatch, "cpp")
+    FF.relu(torch.randn(4, 3, 5, 5, requires_grad=True))
+    (d,) = autotune.decisions()
+    assert d.choice == "torch" and "gradient" in d.rejected["cpp"]
+
+
+def test_nan_where_torch_has_none_is_rejected(stand_in, monkeypatch):
+    stand_in(lambda x: torch.where(x > 2.5, float("nan"), torch.relu(x)))
+    _favour(monkeypatch, "cpp")
+    FF.relu(torch.randn(4, 3, 8, 8) * 3)
+    (d,) = autotune.decisions()
+    assert d.choice == "torch" and "NaN" in d.rejected["cpp"]
+
+
+def test_a_failing_candidate_falls_back(stand_in, monkeypatch):
+    def boom(x):
+        raise NotImplementedError("no kernel for this case (test)")
+    stand_in(boom)
+    _favour(monkeypatch, "cpp")
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(FF.relu(x), F.relu(x))
+    (d,) = autotune.decisions()
+    assert d.choice == "torch" and d.rejected["cpp"].startswith("NotImplementedError: no kernel")
+
+
+def test_torch_wins_ties_within_the_margin(stand_in, monkeypatch):
+    stand_in(torch.relu)
+    monkeypatch.setattr(autotune, "_timer_hook", lambda name, s: 1.0 if name == "torch" else 1.0 - autotune.MARGIN / 2)
+    FF.relu(torch.randn(4, 3, 5, 5))
+    assert autotune.decisions()[0].choice == "torch"
+
+
+def test_switched_off_uses_the_static_order(stand_in, monkeypatch):
+    stand_in(torch.relu)
+    monkeypatch.setenv(autotune.ENV_SWITCH, "0")
+    FF.relu(torch.randn(4, 3, 5, 5))
+    assert autotune.decisions() == [] and "static order" in fusedcnn.autotune_report()
+
+
+def test_explicit_backends_are_not_measured():
+    FF.relu(torch.randn(4, 3), backend="torch")
+    with fusedcnn.use_backend("reference"):
+        FF.relu(torch.randn(4, 3))
+    assert autotune.decisions() == []
+
+
+def test_measuring_leaves_running_stats_and_inputs_as_one_call_would():
+    x = torch.randn(8, 4, 6, 6)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    w, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = FF.batch_norm_relu(x.clone(), rm, rv, w, b, training=True, momentum=0.3)
+    expect = F.relu(F.batch_norm(x.clone(), rm_t, rv_t, w, b, training=True, momentum=0.3))
+    torch.testing.assert_close(y, expect)
+    torch.testing.assert_close(rm, rm_t)  # updated once, by the real call only
+    torch.testing.assert_close(rv, rv_t)
+    assert len(autotune.decisions()) == 1
+    x = torch.randn(4, 3, 5, 5)
+    x_in = x.clone()
+    out = FF.relu(x_in, inplace=True)  # in place: measured on clones, then applied once to x_in itself
+    assert out is x_in and torch.equal(x_in, F.relu(x))
+
+
+@pytest.mark.skipif("cpp" not in fusedcnn.available_backends("cpu"), reason="fusedcnn._C not built")
+def test_dropout_is_checked_against_the_philox_mask_and_keeps_the_random_stream(monkeypatch):
+    _favour(monkeypatch, "cpp")
+    x = torch.randn(16, 32)
+    torch.manual_seed(7)
+    y_auto = FF.dropout(x, 0.5)  # measures first (inside a forked random state), then draws like one call
+    (d,) = autotune.decisions()
+    assert d.choice == "cpp", d.rejected  # cpp's mask equals reference's bit for bit
+    torch.manual_seed(7)
+    assert torch.equal(y_auto, FF.dropout(x, 0.5, backend="cpp"))
+
+
+def test_the_cache_file_round_trip_and_a_damaged_file(tmp_path, stand_in, monkeypatch):
+    stand_in(torch.relu)
+    _favour(monkeypatch, "cpp")
+    path = tmp_path / "tune" / "autotune.json"
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    FF.relu(torch.randn(4, 3, 5, 5))
+    data = json.loads(path.read_text())
+    (stamp,) = data["decisions"]
+    assert stamp == autotune.stamp() and torch.__version__ in stamp and fusedcnn.__version__ in stamp
+    autotune.reset()  # a new process, in effect
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured although the cache file had the decision")
+    monkeypatch.setattr(autotune, "_measure", no_measuring)
+    FF.relu(torch.randn(4, 3, 5, 5))
+    (d,) = autotune.decisions()
+    assert d.choice == "cpp" and d.source == "cache" and d.cost_s == 0.0
+    monkeypatch.undo()  # measuring again; the stand-in gone
+
+    path.write_text('{"format": 1, "decisions": {"x": ')  # an interrupted write from an older version
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    autotune.reset()
+    with pytest.warns(RuntimeWarning, match="ignoring the damaged autotune cache"):
+        FF.relu(torch.randn(4, 3, 5, 5))
+    assert autotune.decisions()[0].source == "measured"
+    assert json.loads(path.read_text())["format"] == 1  # rewritten whole
+
+
+def test_a_cache_from_another_version_is_not_used(tmp_path, stand_in, monkeypatch):
+    stand_in(torch.relu)
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    _favour(monkeypatch, "cpp")
+    FF.relu(torch.randn(4, 3, 5, 5))
+    data = json.loads(path.read_text())
+    data["decisions"] = {"fusedcnn 0.0.1 | torch 1.0 | elsewhere | 1 threads": next(iter(data["decisions"].values()))}
+    path.write_text(json.dumps(data))
+    autotune.reset()
+    _favour(monkeypatch, "torch")
+    FF.relu(torch.randn(4, 3, 5, 5))
+    (d,) = autotune.decisions()
+    assert d.source == "measured" and d.choice == "torch"
+
+
+def test_no_measuring_inside_torch_compile():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        return FF.max_pool2d(FF.relu(x), 2)
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = f(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, F.max_pool2d(F.relu(x), 2))
+    assert autotune.decisions() == []
+
+
+def test_calls_that_cannot_be_replayed_use_the_static_order():
+    key = autotune.signature("batchnorm", "batch_norm", (torch.randn(2, 3, 4, 4), object()), {})
+    assert key is None
+
+
+def test_all_ranks_take_rank_0s_decision(tmp_path):
+    """Two gloo processes whose timings disagree (rank 1 sees the stand-in as fastest, rank 0 sees torch): both
+    use rank 0's decision."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(HERE, "_autotune_ddp_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["choices"] == ranks[1]["choices"] == ["torch", "torch"]
+    assert ranks[0]["sources"] == ["measured", "measured"] and ranks[1]["sources"] == ["rank 0", "rank 0"]
