@@ -32,7 +32,7 @@ from benchmarks import report  # noqa: E402
 
 # Runs: name -> the TrainConfig options that make it (a fusedcnn backend's run is named after the backend).
 BASELINES = {"torch": dict(backend="torch"), "torch.compile": dict(backend="torch", compile=True)}
-FUSED = ("reference", "cpp", "triton")
+FUSED = ("reference", "cpp", "triton", "auto")  # auto: per layer call, the fastest backend measured (fusedcnn.autotune)
 # triton with plain nn.Sequential containers (no fused runs): what the fusion plan (run "triton") buys
 VARIANTS = {"triton-unfused": dict(backend="triton", fused=False)}
 
@@ -125,7 +125,7 @@ def plan_runs(args, preset: dict, device: torch.device) -> tuple[list[str], dict
     for r in wanted:
         if r in FUSED or r in VARIANTS:
             backend = VARIANTS[r]["backend"] if r in VARIANTS else r
-            why = fusedcnn.backends.unavailable_reason(backend, device.type)
+            why = None if backend == "auto" else fusedcnn.backends.unavailable_reason(backend, device.type)
             if why is None and backend == "triton" and device.type == "cpu":
                 why = "Triton on CPU runs only under the interpreter, a test tool"
             if why is None and not args.runs and r in preset["skip"]:
@@ -207,7 +207,7 @@ def summarize(name: str, m: dict) -> dict:
     curve = m.get("loss_curve") or []
     return {"run": name, "status": "ok" if not m.get("interrupted") else "interrupted",
             "backend": m["config"]["backend"], "compile": m["config"]["compile"],
-            "backends_used": m.get("backends_used"),
+            "backends_used": m.get("backends_used"), "autotune": m.get("autotune") or {},
             "images_per_s": m.get("images_per_s"),
             # the first epoch holds compilation / autotuning: the steady epoch time is the mean of the others
             "first_epoch_s": epochs[0]["time_s"] if epochs else None,
@@ -231,7 +231,7 @@ def markdown(header: dict, rows: list[dict], notes: list[str]) -> str:
     table = []
     for r in rows:
         if r["status"] not in ("ok", "interrupted"):
-            table.append([r["run"], "", "", "", "", "", "", "", "", f"{r['status']} ({r.get('reason', '')})"])
+            table.append([r["run"], "", "", "", "", "", "", "", "", "", f"{r['status']} ({r.get('reason', '')})"])
             continue
         speed = (r["images_per_s"] / base["images_per_s"]) if base and r["images_per_s"] and base["images_per_s"] \
             else None
@@ -243,7 +243,7 @@ def markdown(header: dict, rows: list[dict], notes: list[str]) -> str:
                       report.fmt(r["peak_memory_mb"]),
                       f"{100 * r['test_acc']:.2f}" if r["test_acc"] is not None else "",
                       f"{dacc:+.2f}" if dacc is not None else "",
-                      report.fmt(r["final_loss"]), r["status"]])
+                      report.fmt(r["final_loss"]), _auto_text(r.get("autotune")), r["status"]])
     ds = next((r["dataset"] for r in rows if r.get("dataset")), None)
     mem = next((r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")), "")
     parts = [f"# End-to-end VGG16 training ({header['preset']})", "", report.stamp_line(header["env"]), "",
@@ -255,13 +255,24 @@ def markdown(header: dict, rows: list[dict], notes: list[str]) -> str:
              "epochs after the first (which holds compilation and autotuning: `1st epoch s`), or (est.) training "
              "images / steady img/s when no epoch completed; `peak MB`: "
              + (mem or "peak memory") + "; `test acc` and `Δ acc` in points against torch eager; `loss`: mean of "
-             "the last 10 steps. torch.compile draws dropout masks from its own random stream, so its loss curve "
+             "the last 10 steps; `auto chose`: per layer family, the backends fusedcnn.autotune measured fastest "
+             "(x the number of call signatures each won) and the one-time cost of measuring (in the first steps, "
+             "inside the 1st epoch). torch.compile draws dropout masks from its own random stream, so its loss curve "
              "and accuracy differ from eager's by more than rounding.", ""]
     parts += [f"- {n}" for n in notes]
     parts += ["", report.md_table(["run", "img/s", "vs torch", "epoch s", "1st epoch s", "peak MB", "test acc %",
                                    "Δ acc",
-                                   "loss", "status"], table), ""]
+                                   "loss", "auto chose", "status"], table), ""]
     return "\n".join(parts)
+
+
+def _auto_text(summary: dict | None) -> str:
+    """"conv: torch x9; fused: cpp x5 (measured in 1.2 s)" from fusedcnn.autotune.summary()."""
+    if not summary:
+        return ""
+    fams = "; ".join(f"{fam}: " + ", ".join(f"{b} x{n}" for b, n in sorted(s["choices"].items()))
+                     for fam, s in sorted(summary.items()))
+    return f"{fams} (measured in {sum(s['cost_s'] for s in summary.values()):.2f} s)"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:

@@ -33,7 +33,7 @@ from benchmarks.cases import (GROUPS, LAYOUTS, MODES, PRECISIONS, TOLERANCES, Ca
                               all_cases, all_layers, precision)
 from benchmarks.timing import Timer, cache_bytes, measure_peaks, sync  # noqa: E402
 
-FUSED_BACKENDS = ("reference", "triton", "cpp")
+FUSED_BACKENDS = ("reference", "triton", "cpp", "auto")  # auto: fusedcnn.autotune's measured choice
 
 # A plan: shape groups x precisions x layouts x modes (x layers); presets are ordered lists of plans,
 # most important first, so a time budget cuts the least important cases.
@@ -145,6 +145,9 @@ def choose_backends(args, device: torch.device) -> tuple[list[str], dict[str, st
     wanted = list(FUSED_BACKENDS) if not explicit else args.backends
     run, skipped = [], {}
     for b in wanted:
+        if b == "auto":  # always runs: it measures the others (and torch) and takes the fastest correct one
+            run.append(b)
+            continue
         why = fusedcnn.backends.unavailable_reason(b, device.type)
         if why is None and b == "triton" and device.type == "cpu" and not explicit:
             why = "Triton on CPU runs only under the interpreter, a test tool; ask for it with --backends triton"
@@ -297,7 +300,17 @@ def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, 
                 continue
             row = dict(base, backend=backend or "torch", bytes=prep.min_bytes, sets=len(prep.sets))
             try:
-                err = prep.check(backend)
+                if backend == "auto":  # the one-time measurement happens in this first call: report it
+                    import fusedcnn
+                    fusedcnn.autotune.reset()
+                    t0 = time.perf_counter()
+                    err = prep.check(backend)
+                    row["auto_first_call_s"] = time.perf_counter() - t0
+                    picked = fusedcnn.autotune.decisions()
+                    row["auto_choice"] = "+".join(sorted({d.choice for d in picked})) or "static"
+                    row["auto_cost_s"] = sum(d.cost_s for d in picked)
+                else:
+                    err = prep.check(backend)
                 row["max_rel_err"] = err
                 row["status"] = "ok" if err <= TOLERANCES[prec] else "WRONG"
                 if args.check_only:
@@ -357,6 +370,8 @@ def table_rows(rows: list[dict]) -> list[list]:
         if r.get("graph_speedup"):
             speed = f"{report.fmt(speed) if speed else ''} ({report.fmt(r['graph_speedup'])} graph)"
         status = r["status"] if r["status"] in ("ok", "WRONG") else f"{r['status']} ({r.get('reason', '')})"
+        if r.get("auto_choice"):
+            status += f"; auto: {r['auto_choice']} (measured in {report.fmt(r['auto_cost_s'] * 1e3)} ms)"
         if r.get("graph_reason"):
             status += f"; graph n/a ({r['graph_reason']})"
         out.append([r["layer"], r["shape"], r["precision"], "NHWC" if r["layout"] == "channels_last" else "NCHW",

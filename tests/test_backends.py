@@ -59,8 +59,9 @@ def test_cuda_build_flag_is_reported():
 
 
 @pytest.mark.cuda
-def test_cuda_auto_prefers_fast_backends():
-    assert backends.resolve(None, torch.randn(3, device="cuda"), "activation") in ("triton", "cpp")
+def test_cuda_static_order_is_torch_until_a_gpu_record_says_otherwise():
+    # no GPU timing is committed yet (benchmarks/NOTES.md): without measuring, auto runs torch (cuDNN) on CUDA
+    assert backends.static_choice("conv", torch.randn(3, device="cuda")) == "torch"
 
 
 @pytest.mark.skipif("cpp" not in fusedcnn.available_backends("cpu"), reason="fusedcnn._C not built")

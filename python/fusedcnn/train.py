@@ -511,13 +511,17 @@ def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
     torch.manual_seed(cfg.seed)
 
 
-def _resolve_backends(backend: str, device: torch.device) -> dict:
-    """Which implementation each layer family gets here; an unusable backend fails now, clearly."""
+def _resolve_backends(backend: str, device: torch.device, compiled: bool) -> dict:
+    """Which implementation each layer family gets here ("auto (measured)": fusedcnn.autotune decides per layer
+    call, metrics["autotune"] says what it chose); an unusable backend fails now, clearly."""
     probe = torch.empty(0, device=device)
     try:
-        return {fam: backends.resolve(backend, probe, fam) for fam in FAMILIES}
+        chosen = {fam: backends.choose(backend, probe, fam) for fam in FAMILIES}
     except RuntimeError as e:
         raise ValueError(str(e)) from None
+    measured = fusedcnn.autotune.enabled() and not compiled
+    return {fam: name or ("auto (measured)" if measured else backends.static_choice(fam, probe))
+            for fam, name in chosen.items()}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -576,7 +580,7 @@ class Trainer:
         self.ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt") if cfg.output_dir else None
         resume_path = (self.ckpt_path if cfg.resume == "auto" else cfg.resume) if cfg.resume else None
         ckpt = self.read_checkpoint(resume_path) if cfg.resume else None  # a bad one fails before the data loads
-        self.backends_used = _resolve_backends(cfg.backend, self.device)
+        self.backends_used = _resolve_backends(cfg.backend, self.device, cfg.compile)
         self._load_data()
         self.resolutions = cfg.train_resolutions()
         self.build()
@@ -884,6 +888,8 @@ class Trainer:
             "fusedcnn_version": fusedcnn.__version__, "torch_version": torch.__version__,
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "world_size": d.world, "backends_used": self.backends_used,
+            # what backend="auto" measured and chose per family (empty for a named backend)
+            "autotune": fusedcnn.autotune.summary(),
             "dataset": {"name": data.name, "source": data.source, "note": data.note,
                         **data.sizes(), "train_used": len(self.train_y)},
             "epochs": epochs, "loss_curve": self.history["loss_curve"],
