@@ -108,8 +108,12 @@ class Writer:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        self.log(row)
+
+    def log(self, record: dict) -> None:
+        """Append to <stem>.jsonl only (e.g. one seed of a run, as it finishes: kept if the run is interrupted)."""
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=_json_default) + "\n")
 
     def path(self, suffix: str) -> Path:
         return self.dir / f"{self.stem}{suffix}"

