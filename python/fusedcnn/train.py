@@ -872,6 +872,13 @@ class Trainer:
                 metrics["test_acc_by_resolution"] = test["acc_by_resolution"]
             self.say(f"test: loss {test['loss']:.4f} acc {test['acc']:.4f}")
         metrics["peak_memory_mb"], metrics["peak_memory_kind"] = _peak_memory(self.device)
+        metrics["autotune"] = fusedcnn.autotune.summary()  # the test's decisions too
+        if metrics["autotune"]:
+            self.say("fusedcnn: backend='auto' chose (per layer family: backend x call signatures) "
+                     + "; ".join(f"{fam}: " + ", ".join(f"{b} x{n}" for b, n in sorted(s["choices"].items()))
+                                 for fam, s in sorted(metrics["autotune"].items()))
+                     + f"; measuring took {sum(s['cost_s'] for s in metrics['autotune'].values()):.2f} s "
+                       "(fusedcnn.autotune_report() for the details)")
         self.write_metrics(metrics)
         if self.interrupted:
             self.say(f"fusedcnn: interrupted at step {self.global_step}; checkpoint saved to {self.ckpt_path} "
