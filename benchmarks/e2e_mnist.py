@@ -518,35 +518,37 @@ def main(argv=None) -> int:
     per_seed: dict[str, list[dict]] = {r: [] for r in runs}
     over_budget: list[str] = []
     try:
-        # seed by seed (every run's seed 0 first): a budget that runs out leaves the runs with equal seeds
-        for k, seed in enumerate(seeds):
-            for name in (r for r in runs if k < wanted[r]):
-                left = None if budget is None else budget - (time.monotonic() - start)
-                if left is not None and left < 10:
-                    over_budget.append(f"{name} seed {seed}")
-                    per_seed[name].append({"run": name, "seed": seed, "status": "skipped",
-                                           "reason": f"time budget of {budget:.0f} s"})
-                    continue
-                cfg = train_config(name, {**common, "seed": seed}, args.compile_mode)
-                say(f"--- {name}, seed {seed} (backend={cfg.backend}{', torch.compile' if cfg.compile else ''})")
-                try:
-                    timeout = args.run_timeout or preset.get("run_timeout")
-                    if left is not None:
-                        timeout = min(timeout or left, left)
-                    m = run_isolated(cfg, timeout) if isolate else run_in_process(cfg)
-                    one = summarize(name, m)
-                except KeyboardInterrupt:
-                    raise
-                except NotImplementedError as e:
-                    one = {"run": name, "seed": seed, "status": "n/a", "reason": _first_line(e)}
-                except Exception as e:
-                    one = {"run": name, "seed": seed, "status": "error", "reason": f"{type(e).__name__}: {_first_line(e)}"}
-                if one["status"] != "ok":
-                    say(f"{name} seed {seed}: {one['status']} ({one.get('reason', '')})")
-                else:
-                    say(f"{name} seed {seed}: test acc {100 * one['test_acc']:.2f}%, {one['images_per_s']:.0f} img/s")
-                per_seed[name].append(one)
-                writer.log({"kind": "seed", **one})
+        # seed by seed (every run's seed 0 first), the runs capped to fewer seeds (the slow ones) last: a budget
+        # that runs out leaves the main runs with equal seeds
+        plan = sorted(((k, seed, name) for k, seed in enumerate(seeds) for name in runs if k < wanted[name]),
+                      key=lambda p: (wanted[p[2]] < n_seeds, p[0]))
+        for k, seed, name in plan:
+            left = None if budget is None else budget - (time.monotonic() - start)
+            if left is not None and left < 10:
+                over_budget.append(f"{name} seed {seed}")
+                per_seed[name].append({"run": name, "seed": seed, "status": "skipped",
+                                       "reason": f"time budget of {budget:.0f} s"})
+                continue
+            cfg = train_config(name, {**common, "seed": seed}, args.compile_mode)
+            say(f"--- {name}, seed {seed} (backend={cfg.backend}{', torch.compile' if cfg.compile else ''})")
+            try:
+                timeout = args.run_timeout or preset.get("run_timeout")
+                if left is not None:
+                    timeout = min(timeout or left, left)
+                m = run_isolated(cfg, timeout) if isolate else run_in_process(cfg)
+                one = summarize(name, m)
+            except KeyboardInterrupt:
+                raise
+            except NotImplementedError as e:
+                one = {"run": name, "seed": seed, "status": "n/a", "reason": _first_line(e)}
+            except Exception as e:
+                one = {"run": name, "seed": seed, "status": "error", "reason": f"{type(e).__name__}: {_first_line(e)}"}
+            if one["status"] != "ok":
+                say(f"{name} seed {seed}: {one['status']} ({one.get('reason', '')})")
+            else:
+                say(f"{name} seed {seed}: test acc {100 * one['test_acc']:.2f}%, {one['images_per_s']:.0f} img/s")
+            per_seed[name].append(one)
+            writer.log({"kind": "seed", **one})
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted before the end: partial results")
