@@ -36,6 +36,17 @@ inline void check_same_dtype(const char* op, const at::Tensor& a, const char* a_
               " must have the same dtype, got ", a_name, " ", a.scalar_type(), " and ", b_name, " ", b.scalar_type());
 }
 
+// The memory format an elementwise result keeps (python/fusedcnn/common.py dense_format): NHWC when x is
+// NHWC-dense and not also NCHW-contiguous, else NCHW.
+inline at::MemoryFormat dense_format(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// The dtype reductions and per-channel statistics accumulate in: float64 for float64, else float32.
+inline at::ScalarType accumulation_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 // FUSEDCNN_POISON=1 (set by the tests) fills every fresh output with NaN, so
 // an element a kernel forgets to write fails the comparison instead of
 // passing by luck of an allocator that hands back the right old values.

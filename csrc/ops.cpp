@@ -1,6 +1,8 @@
 // Every fusedcnn op schema, once. Implementations are registered per device in
-// csrc/<family>/<family>_cpu.cpp and <family>_cuda.cu; autograd and fake
-// (meta) kernels are registered from Python (python/fusedcnn/ops/).
+// csrc/<family>/<family>_cpu.cpp and <family>_cuda.cu, the autograd of the differentiable ops
+// (relu, the pools, conv2d, dropout, batch_norm_train_forward) in csrc/<family>/<family>_autograd.cpp
+// (Autograd-key kernels, csrc/autograd.h); fake (meta) kernels are registered from Python
+// (python/fusedcnn/ops/).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -11,10 +11,7 @@ namespace fusedcnn {
 namespace bn {
 
 // NHWC only when x is channels_last-dense and not also NCHW-dense (matches the Python fake functions).
-inline at::MemoryFormat layout_of(const at::Tensor& x) {
-  return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                 : at::MemoryFormat::Contiguous;
-}
+inline at::MemoryFormat layout_of(const at::Tensor& x) { return dense_format(x); }
 
 // Per-channel statistics are float64 for float64 input, else float32.
 inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

@@ -1,4 +1,6 @@
-// Conv2d by explicit im2col + GEMM: the device-independent driver shared by conv_cpu.cpp and conv_cuda.cu.
+// Conv2d by explicit im2col + GEMM: the device-independent driver shared by conv_cpu.cpp and conv_cuda.cu
+// (on CPU for groups > 1 and for NCHW inputs with few channels or wide rows; conv_cpu.cpp has its own
+// channels-last GEMM for the rest).
 //
 //   x:        (N, C, H, W)                NCHW or NHWC (an NHWC input is copied to an NCHW working
 //                                         copy for im2col; the output is NHWC again, see below)
@@ -37,8 +39,10 @@ namespace conv {
 // columns exceed it runs alone: nb >= 1). The per-chunk output / grad_out buffer (K * nb*L) is usually
 // far smaller. FUSEDCNN_CONV_COL_BYTES overrides the bound (the tests shrink it to exercise the chunk loop).
 constexpr int64_t kCudaColBytes = int64_t(256) << 20;  // few, large GEMMs
-constexpr int64_t kCpuColBytes = int64_t(4) << 20;     // the columns are written and read back in cache:
-                                                       // 9x the activation never goes to memory (3x faster)
+constexpr int64_t kCpuColBytes = int64_t(1) << 20;     // the columns are written and read back in cache:
+                                                       // 9x the activation never goes to memory (3x faster);
+                                                       // 1 MiB = half the 2 MiB L2 (4 MiB spilled to L3:
+                                                       // conv1_2 of the cpu preset 1.6x slower, NOTES.md)
 
 // Geometry of one convolution; every index is int64 (tensors may pass 2**31 elements).
 struct Geom {
@@ -69,11 +73,7 @@ inline int64_t col_buffer_bytes(const Kernels& k) {
   return bytes > 0 ? static_cast<int64_t>(bytes) : k.col_bytes;
 }
 
-inline at::MemoryFormat output_format(const at::Tensor& x) {
-  // NHWC-dense and not also NCHW-contiguous (fusedcnn.triton_kernels._common.dense_format)
-  return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                 : at::MemoryFormat::Contiguous;
-}
+inline at::MemoryFormat output_format(const at::Tensor& x) { return dense_format(x); }
 
 // Every tensor of the call on x's device (cuda:0 vs cuda:1 included), checked first: the CUDA entry points
 // call this before they build a CUDAGuard from x's device, and the message names both devices.
@@ -157,6 +157,32 @@ inline at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   return a.size(0) == 1 ? at::mm(a.select(0, 0), b.select(0, 0)).unsqueeze(0) : at::bmm(a, b);
 }
 
+// Whether conv2d has a bias; checks its shape (K,) and dtype.
+inline bool check_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, const Geom& g) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.K, "fusedcnn::conv2d: bias must have shape (", g.K,
+                ",), got ", bias->sizes());
+    check_same_dtype("fusedcnn::conv2d", *bias, "bias", x, "x");
+  }
+  return has_bias;
+}
+
+// The checks of conv2d_backward's grad_out (after check_args); returns the accumulation dtype of the
+// weight and bias gradients (float64 for float64, else float32).
+inline at::ScalarType check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, const Geom& g) {
+  check_same_dtype("fusedcnn::conv2d_backward", grad_out, "grad_out", x, "x");
+  const std::array<int64_t, 4> expect{x.size(0), g.K, g.Ho, g.Wo};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expect), "fusedcnn::conv2d_backward: grad_out must have shape ",
+              at::IntArrayRef(expect), ", got ", grad_out.sizes());
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The bias gradient: grad_out summed over N, H_out, W_out in acc_type, rounded once to x's dtype.
+inline at::Tensor grad_bias(const at::Tensor& grad_out, const at::Tensor& x, int64_t K, at::ScalarType acc_type) {
+  return new_output({K}, x.options()).copy_(at::sum(grad_out, {0, 2, 3}, false, acc_type));
+}
+
 // conv2d(x, weight, bias, stride, padding, dilation, groups, algo) -> out (N, K, H_out, W_out)
 inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -164,12 +190,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const s
   check_devices("fusedcnn::conv2d", x, weight, bias, nullptr);
   const Geom g = check_args("fusedcnn::conv2d", x, weight, stride, padding, dilation, groups, algo, k);
   const at::NoGradGuard no_grad;  // internals only (see backward)
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.K, "fusedcnn::conv2d: bias must have shape (", g.K,
-                ",), got ", bias->sizes());
-    check_same_dtype("fusedcnn::conv2d", *bias, "bias", x, "x");
-  }
+  const bool has_bias = check_bias(x, bias, g);
   const int64_t N = x.size(0), G = g.groups, Kg = g.K / G, CKg = (g.C / G) * g.kh * g.kw, L = g.Ho * g.Wo;
   at::Tensor out = new_output({N, g.K, g.Ho, g.Wo}, x.options(), output_format(x));
   if (out.numel() == 0) return out;
@@ -206,11 +227,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   // formula): without this, a call with grad mode on (create_graph=True) failed in mm_out.
   const at::NoGradGuard no_grad;
   const int64_t N = x.size(0), G = g.groups, Kg = g.K / G, CKg = (g.C / G) * g.kh * g.kw, L = g.Ho * g.Wo;
-  check_same_dtype("fusedcnn::conv2d_backward", grad_out, "grad_out", x, "x");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, g.K, g.Ho, g.Wo}),
-              "fusedcnn::conv2d_backward: grad_out must have shape ", at::IntArrayRef({N, g.K, g.Ho, g.Wo}),
-              ", got ", grad_out.sizes());
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_type = check_grad_out(grad_out, x, g);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   auto none = [&] { return at::empty({0}, x.options()); };  // a fresh one each: outputs must not alias
 
@@ -249,8 +266,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   }
   at::Tensor grad_w = need_w ? new_output(weight.sizes(), weight.options()).copy_(grad_w_acc.view(weight.sizes()))
                              : none();
-  at::Tensor grad_b = need_b ? new_output({g.K}, x.options()).copy_(at::sum(grad_out, {0, 2, 3}, false, acc_type))
-                             : none();
+  at::Tensor grad_b = need_b ? grad_bias(grad_out, x, g.K, acc_type) : none();
   return {grad_x, grad_w, grad_b};
 }
 

@@ -6,8 +6,12 @@ ops module with `define`):
                                              tests/test_backends.py compares them), kernels in csrc/<family>/
   triton: torch.ops.fusedcnn.triton_<name>   generated here: a custom_op whose body calls the launcher of
                                              the same name in fusedcnn.triton_kernels.<family module>
-A family's ops module registers the fake (shape) function and the autograd formula once for both backends
-(`register`), so torch.compile traces and torch.library.opcheck tests either one.
+A family's ops module registers the fake (shape) function once for both backends (`register`), so torch.compile
+traces and torch.library.opcheck tests either one. Autograd: the cpp ops that have it differentiate in C++ --
+csrc/<family>/<family>_autograd.cpp, an Autograd-key kernel per op (torch::autograd::Function) calling the forward
+and backward ops through the dispatcher: relu, the pools, conv2d, dropout, batch_norm_train_forward -- and
+`register` adds the Python autograd formula (backward_factory) to the triton ops, and to a cpp op only when its
+fusedcnn._C has no C++ autograd for it (built from older sources).
 
 Implementations. Each layer family keeps one table backend -> implementation (`implement`); the public
 functionals normalize their arguments, then call `dispatch(family, backend, x)`, which resolves the backend
@@ -16,7 +20,8 @@ No other module compares backend names.
 
 Autograd modes. Backward (create_graph=False) runs each backend's own backward kernels. Double backward: when a
 backward runs with grad mode on (create_graph=True), `register`'s backward runs the op's `differentiable_backward`
-instead (torch's differentiable aten backward ops on the saved tensors), so the gradient is itself differentiable.
+instead (torch's differentiable aten backward ops on the saved tensors), so the gradient is itself differentiable;
+the C++ autograd of the cpp ops does the same with the same ATen ops.
 Forward-mode AD and the torch.func transforms (vmap, grad, jvp, jacfwd, ...): `dispatch` runs the family's
 `torch` implementation (see its docstring).
 """
@@ -94,18 +99,22 @@ def _backward(name: str, kernels: Callable, differentiable: Callable | None) -> 
 def has_cpp_autograd(name: str) -> bool:
     """Whether the cpp op `name` has its autograd in C++ (csrc/<family>/<family>_autograd.cpp: an Autograd-key
     kernel). Asked before `register` adds the Python one; False with a fusedcnn._C built before it existed."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedcnn::{name}", "Autograd")
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedcnn::{name}", "Autograd")
+    except RuntimeError:  # no such op: fusedcnn._C not loaded, or built before the op
+        return False
 
 
 def register(name: str, *, fake: Callable, setup_context: Callable | None = None,
              backward_factory: Callable[[str], Callable] | None = None,
              differentiable_backward: Callable | None = None) -> None:
     """Register the fake function and (if given) the autograd formula of op `name` for every compiled backend
-    that has it. backward_factory(backend) returns the autograd backward for that backend, so each backend's
-    backward calls that backend's own backward kernels. differentiable_backward(ctx, *grads) returns the same
-    gradients computed with differentiable torch ops from ctx's saved tensors (saved inputs keep their autograd
-    history); it runs instead when the backward runs with grad mode on (double backward). Without it, such a
-    backward raises NotImplementedError."""
+    that has it -- the autograd formula not for a cpp op with C++ autograd (has_cpp_autograd), whose
+    csrc/<family>/<family>_autograd.cpp implements the same formulas. backward_factory(backend) returns the
+    autograd backward for that backend, so each backend's backward calls that backend's own backward kernels.
+    differentiable_backward(ctx, *grads) returns the same gradients computed with differentiable torch ops from
+    ctx's saved tensors (saved inputs keep their autograd history); it runs instead when the backward runs with
+    grad mode on (double backward). Without it, such a backward raises NotImplementedError."""
     for backend in (b for b in registered_backends() if _ONLY.get(name, b) == b):
         try:
             fwd = op(backend, name)
@@ -125,7 +134,8 @@ def register(name: str, *, fake: Callable, setup_context: Callable | None = None
 
 
 class CompiledOps:
-    """A compiled backend's ops as attributes: CompiledOps("cpp").max_pool2d is torch.ops.fusedcnn.max_pool2d."""
+    """A compiled backend's ops as attributes: CompiledOps("cpp").max_pool2d is torch.ops.fusedcnn.max_pool2d.
+    The first lookup of a name stores the op on the instance, so later ones are plain attribute reads."""
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -133,7 +143,9 @@ class CompiledOps:
     def __getattr__(self, name: str):
         if name.startswith("__") or not has_op(self.backend, name):
             raise AttributeError(name)
-        return op(self.backend, name)
+        overload = op(self.backend, name)
+        setattr(self, name, overload)
+        return overload
 
 
 # ---------------------------------------------------------------- implementation tables and dispatch
@@ -170,7 +182,9 @@ class _Measured:
         family, table, random = self.family, self.table, method in self.random
 
         def call(*args, **kwargs):
-            x = next(a for a in args if isinstance(a, torch.Tensor))  # every method takes a tensor
+            x = args[0]
+            if not isinstance(x, torch.Tensor):  # a deferred triton activation first: the weight decides the device
+                x = next(a for a in args if isinstance(a, torch.Tensor))
             key = autotune.signature(family, method, args, kwargs)
             if key is None:
                 name = backends.static_choice(family, x)

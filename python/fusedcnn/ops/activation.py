@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import autocast_op, dense_format, fx_traceable
+from fusedcnn.common import dense_format, entry_point
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "activation"
@@ -24,7 +24,8 @@ define("activation", {
 })
 
 
-# ---- fake function and autograd, shared by triton and cpp
+# ---- fake function (triton and cpp) and autograd (triton; cpp: the same formulas in
+#      csrc/activation/activation_autograd.cpp, these only for a fusedcnn._C without it)
 def _fake_like(x: Tensor, *rest: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
 
@@ -75,8 +76,7 @@ IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Kernel(refer
 
 
 # ---- public functional entry point
-@fx_traceable
-@autocast_op()  # under autocast: the input's dtype, as torch's relu
+@entry_point()  # under autocast: the input's dtype, as torch's relu
 def relu(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
     """torch.nn.functional.relu with a `backend=` choice."""
     if not isinstance(input, Tensor):

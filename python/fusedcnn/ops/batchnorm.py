@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.ops._registry import define, dispatch, has_op, implement, op, register
-from fusedcnn.common import accumulation_dtype, autocast_op, fx_traceable
+from fusedcnn.ops._registry import define, dispatch, has_cpp_autograd, has_op, implement, op, register
+from fusedcnn.common import accumulation_dtype, entry_point
 from fusedcnn.reference.batchnorm import update_running_stats
 from fusedcnn.common import dense_format
 
@@ -176,6 +176,11 @@ class _BatchNormApply(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None, None
 
 
+# The cpp op batch_norm_train_forward differentiates y itself (an Autograd kernel in C++, the same formulas as
+# _BatchNormTrain); a fusedcnn._C built before it had one runs through _BatchNormTrain.
+_TRAIN_AUTOGRAD_IN_CPP = has_cpp_autograd("batch_norm_train_forward")
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode relu?(batch_norm(x)) without sync on a backend with the one-call training ops (cpp): one op
     forward, one backward
@@ -228,7 +233,10 @@ def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, m
     """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if training and group is None and has_op(backend, "batch_norm_train_forward"):
-        y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps, relu, backend)
+        if _TRAIN_AUTOGRAD_IN_CPP:  # the op's own autograd (csrc/batchnorm/batchnorm_autograd.cpp)
+            y, mean, var, _ = op(backend, "batch_norm_train_forward")(x, weight, bias, eps, relu)
+        else:
+            y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps, relu, backend)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y
     if training:
@@ -339,8 +347,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 
 # ---- public functional entry points
-@fx_traceable
-@autocast_op()  # under autocast: the input's dtype, parameters as given (torch's batch_norm)
+@entry_point()  # under autocast: the input's dtype, parameters as given (torch's batch_norm)
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
                *, backend: str | None = None, sync: bool = False) -> Tensor:
@@ -349,8 +356,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False, backend, sync)
 
 
-@fx_traceable
-@autocast_op()
+@entry_point()
 def batch_norm_relu(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                     weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5, *, backend: str | None = None,

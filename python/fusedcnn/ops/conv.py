@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import autocast_op, conv_output_size, dense_format, explicit_padding, fx_traceable, pair
+from fusedcnn.common import conv_output_size, dense_format, entry_point, explicit_padding, pair
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "conv"
@@ -38,7 +38,8 @@ define("conv", {
                        "int groups, bool[3] output_mask, str algo) -> (Tensor, Tensor, Tensor)",
 })
 
-# ---- fake functions and autograd, shared by triton and cpp
+# ---- fake functions (triton and cpp) and autograd (triton; cpp: the same formulas in csrc/conv/conv_autograd.cpp,
+#      these only for a fusedcnn._C without it)
 def _conv2d_fake(x, weight, bias, stride, padding, dilation, groups, algo):
     h_out = conv_output_size(x.shape[2], 2 * padding[0], weight.shape[2], stride[0], dilation[0])
     w_out = conv_output_size(x.shape[3], 2 * padding[1], weight.shape[3], stride[1], dilation[1])
@@ -178,8 +179,7 @@ IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Reference, "
 
 
 # ---- public functional entry point
-@fx_traceable
-@autocast_op("input", "weight", "bias")  # as torch's conv: in the autocast dtype
+@entry_point("input", "weight", "bias")  # as torch's conv: in the autocast dtype
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, backend: str | None = None, algo: str = "auto") -> Tensor:
     """torch.nn.functional.conv2d with a `backend=` choice.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import autocast_op, dense_format, draw_seed, fx_traceable
+from fusedcnn.common import dense_format, draw_seed, entry_point
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "dropout"
@@ -29,7 +29,8 @@ __all__ = ["dropout"]  # the public functionals (fusedcnn.functional)
 define("dropout", {"dropout": "(Tensor x, float p, SymInt seed) -> Tensor"})
 
 
-# ---- fake function and autograd, shared by triton and cpp
+# ---- fake function (triton and cpp) and autograd (triton; cpp: the same formulas in
+#      csrc/dropout/dropout_autograd.cpp, these only for a fusedcnn._C without it)
 def _fake(x: Tensor, p: float, seed: int) -> Tensor:
     # NHWC stays NHWC; every other input gives a contiguous output (both kernels' rule).
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dense_format(x))
@@ -116,8 +117,7 @@ IMPLEMENTATIONS = implement(FAMILY, {"torch": _Torch, "reference": _Philox("refe
 
 
 # ---- public functional entry point
-@fx_traceable
-@autocast_op()  # under autocast: the input's dtype, as torch's dropout
+@entry_point()  # under autocast: the input's dtype, as torch's dropout
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False,
             *, backend: str | None = None) -> Tensor:
     """torch.nn.functional.dropout with a `backend=` choice."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedcnn.common import accumulation_dtype, autocast_op, conv_output_size, dense_format, draw_seed, fx_traceable
+from fusedcnn.common import accumulation_dtype, conv_output_size, dense_format, draw_seed, entry_point
 from fusedcnn.ops._registry import define, dispatch, implement, op, register
 from fusedcnn.ops.activation import relu
 from fusedcnn.ops.batchnorm import batch_norm_relu, check_parameter_dtypes
@@ -398,8 +398,7 @@ IMPLEMENTATIONS = implement(FAMILY, {"torch": _Composition("torch"), "reference"
 
 
 # ============================================================================ functional entry points
-@fx_traceable
-@autocast_op("input", "weight", "bias")  # the conv's; a Pending input is already cast
+@entry_point("input", "weight", "bias")  # the conv's; a Pending input is already cast
 def conv_bn_relu(input: Union[Tensor, Pending], weight: Tensor, bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor], bn_weight: Optional[Tensor] = None,
                  bn_bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
@@ -424,8 +423,7 @@ def conv_bn_relu(input: Union[Tensor, Pending], weight: Tensor, bias: Optional[T
     return impl.conv_bn_relu(input, weight, bias, bn, conv, pool, defer)
 
 
-@fx_traceable
-@autocast_op("input", "weight", "bias")  # as torch's linear: in the autocast dtype
+@entry_point("input", "weight", "bias")  # as torch's linear: in the autocast dtype
 def linear_relu_dropout(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, p: float = 0.5,
                         training: bool = True, *, backend: Optional[str] = None) -> Tensor:
     """dropout(relu(F.linear(input, weight, bias)), p, training); input (*, in_features).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.common import adaptive_geometry, autocast_op, dense_format, fx_traceable, pooled_size, regular_geometry
+from fusedcnn.common import adaptive_geometry, dense_format, entry_point, pooled_size, regular_geometry
 from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
 
 FAMILY = "pooling"
@@ -79,7 +79,8 @@ register("adaptive_avg_pool2d_backward", fake=_fake_grad_in)
 register("adaptive_max_pool2d_backward", fake=lambda g, idx, input_size: _empty(g, input_size))
 
 
-# ---- autograd (each backend's backward calls that backend's own backward op)
+# ---- autograd (each backend's backward calls that backend's own backward op): triton; cpp has the same formulas
+#      in csrc/pooling/pooling_autograd.cpp (these only for a fusedcnn._C without it)
 def _save_x(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
     ctx.args = inputs[1:]
@@ -248,25 +249,52 @@ def _check_input(x, fn):
         raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(x).__name__}")
 
 
+# regular_geometry memoized on (function, input shape, arguments) for eager calls whose kernel_size, stride, padding
+# and dilation are ints (nn.MaxPool2d(2), F.max_pool2d(x, 2)): its checks cost ~4 us a call, the lookup ~0.3 us.
+# A bad call raises every time (errors are not stored); other argument types (tuples, floats, bools, SymInts) and
+# traced calls are checked every time.
+_GEOMETRY: dict[tuple, tuple] = {}
+_GEOMETRY_SIZE = 1024
+
+
+def _geometry(fn: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """regular_geometry's (kernel, stride, padding, dilation) as the ops' int[2] lists (shared: never mutated)."""
+    key = None
+    if (type(kernel_size) is int and (stride is None or type(stride) is int) and type(padding) is int
+            and type(dilation) is int and not torch.compiler.is_compiling()):
+        key = (fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+        try:
+            return _GEOMETRY[key]
+        except KeyError:
+            pass
+        except TypeError:  # a symbolic shape (make_fx): not hashable
+            key = None
+    k, s, p, d, _ = regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
+    args = (list(k), list(s), list(p), list(d))
+    if key is not None:
+        if len(_GEOMETRY) >= _GEOMETRY_SIZE:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = args
+    return args
+
+
 def _out(res, return_indices: bool):
     """(out, indices) -> what torch returns: the pair, or out alone."""
     return (res[0], res[1]) if return_indices else res[0]
 
 
-@fx_traceable
-@autocast_op()  # pooling under autocast: the input's dtype, as torch's
+@entry_point()  # pooling under autocast: the input's dtype, as torch's
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False, *, backend: str | None = None):
     """torch.nn.functional.max_pool2d with a `backend=` choice."""
     _check_input(input, "max_pool2d")
     impl = dispatch(FAMILY, backend, input)
-    k, s, p, d, _ = regular_geometry("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
-    return _run_batched(lambda x: _out(impl.max_pool2d(x, list(k), list(s), list(p), list(d), ceil_mode,
-                                                       return_indices), return_indices), input)
+    k, s, p, d = _geometry("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
+    return _run_batched(lambda x: _out(impl.max_pool2d(x, k, s, p, d, ceil_mode, return_indices), return_indices),
+                        input)
 
 
-@fx_traceable
-@autocast_op()
+@entry_point()
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None, *, backend: str | None = None):
     """torch.nn.functional.avg_pool2d with a `backend=` choice."""
@@ -274,18 +302,16 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     impl = dispatch(FAMILY, backend, input)
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError("divisor must be not zero")
-    k, s, p, _, _ = regular_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
+    k, s, p, _ = _geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
     # torch divides by a negative divisor_override as given; the kernels take a positive one, and
     # sum / -d == -(sum / d) exactly (round to nearest is symmetric), in every dtype.
     negative = divisor_override is not None and divisor_override < 0
     divisor = -divisor_override if negative else divisor_override
-    out = _run_batched(lambda x: impl.avg_pool2d(x, list(k), list(s), list(p), ceil_mode, count_include_pad,
-                                                 divisor), input)
+    out = _run_batched(lambda x: impl.avg_pool2d(x, k, s, p, ceil_mode, count_include_pad, divisor), input)
     return -out if negative else out
 
 
-@fx_traceable
-@autocast_op()
+@entry_point()
 def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = None):
     """torch.nn.functional.adaptive_avg_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_avg_pool2d")
@@ -294,8 +320,7 @@ def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = Non
     return _run_batched(lambda x: impl.adaptive_avg_pool2d(x, list(out_hw)), input)
 
 
-@fx_traceable
-@autocast_op()
+@entry_point()
 def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False, *, backend: str | None = None):
     """torch.nn.functional.adaptive_max_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_max_pool2d")
