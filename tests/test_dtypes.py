@@ -293,17 +293,23 @@ def _fake(device_type: str, dtype: torch.dtype):
 
 
 def test_auto_skips_a_backend_without_the_dtype(monkeypatch):
-    """On CUDA the cpp BatchNorm and pooling kernels take no float64: with triton unavailable, "auto" runs float64
-    there on torch and float32 on cpp; a layer whose cpp kernels take float64 (conv) stays on cpp."""
+    """On CUDA the cpp BatchNorm and pooling kernels take no float64: "auto" neither measures cpp there for float64
+    nor puts it first in a static order; float32 does both; a layer whose cpp kernels take float64 (conv) keeps
+    cpp."""
+    from fusedcnn import autotune
     monkeypatch.setitem(backends._import_errors, "triton", "the triton package is not installed")
     monkeypatch.setitem(backends._import_errors, "cpp", None)
     monkeypatch.setattr(backends, "cpp_built_with_cuda", lambda: True)
+    monkeypatch.setitem(backends._AUTO_ORDER, "cuda", ("cpp", "torch"))  # a static order with cpp first
     for family in ("batchnorm", "pooling", "fused"):
-        assert backends.resolve(None, _fake("cuda", torch.float64), family) == "torch"
+        assert backends.static_choice(family, _fake("cuda", torch.float64)) == "torch"
         assert not backends.dtype_supported("cpp", "cuda", family, torch.float64)
+        names, rejected = autotune._candidates(family, _fake("cuda", torch.float64))
+        assert names == ["torch"] and "no torch.float64 kernels" in rejected["cpp"]
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            assert backends.resolve(None, _fake("cuda", dtype), family) == "cpp"
-    assert backends.resolve(None, _fake("cuda", torch.float64), "conv") == "cpp"
+            assert backends.static_choice(family, _fake("cuda", dtype)) == "cpp"
+            assert autotune._candidates(family, _fake("cuda", dtype))[0] == ["torch", "cpp"]
+    assert backends.static_choice("conv", _fake("cuda", torch.float64)) == "cpp"
     # asked for by name it is not skipped: the kernel's own error says what it takes
     assert backends.resolve("cpp", _fake("cuda", torch.float64), "batchnorm") == "cpp"
 
