@@ -239,3 +239,17 @@ def test_e2e_intervals():
     lo, hi = e2e_mnist.ci95([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.303
     assert (lo, hi) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
     assert e2e_mnist.t975(1) == 12.706 and abs(e2e_mnist.t975(60) - 2.000) < 0.003
+
+
+def test_overhead_table(capsys):
+    import fusedcnn
+    from benchmarks import overhead
+    threads = torch.get_num_threads()
+    backends = ",".join(b for b in ("torch", "cpp", "auto") if b == "auto" or b in fusedcnn.available_backends("cpu"))
+    assert overhead.main(["--backends", backends, "--rounds", "1", "--calls", "2"]) == 0
+    torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for layer in overhead.LAYERS:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {layer} |"))
+        assert row.count("x)") == len(backends.split(","))  # a ratio per fusedcnn column
+    assert "fusedcnn autotune:" in out

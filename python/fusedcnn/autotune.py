@@ -17,7 +17,8 @@ mask as triton and cpp (torch's mask comes from another stream), with the random
 A backend that raises or disagrees is rejected (autotune_report() says why).
 
 The timing: forward, plus torch.autograd.grad of the outputs when the call records a graph; median of at
-least 3 runs and about 20 ms per candidate (CUDA synchronised around each run). A candidate must beat torch
+least 3 runs and about 20 ms per candidate (2 runs when one takes more than 20 ms; CUDA synchronised around
+each run). A candidate must beat torch
 by more than MARGIN to be chosen over it (noise on a shared machine must not flip choices).
 
 No timing happens -- the static order (fusedcnn.backends) decides -- when:
@@ -228,7 +229,9 @@ class _Trial:
         diff = [o for o in outs if o.requires_grad]
         if self.grad_outs is None:
             gen = torch.Generator(device=diff[0].device if diff else "cpu").manual_seed(1234)
-            self.grad_outs = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in diff]
+            # the output's own memory format (empty_like): an NCHW gradient for an NHWC output would time a
+            # layout conversion in every candidate's backward (torch's 4x slower for a channels_last ReLU)
+            self.grad_outs = [torch.empty_like(o).normal_(generator=gen) for o in diff]
         grads = torch.autograd.grad(diff, self.leaves, self.grad_outs, allow_unused=True) if diff else []
         return outs, list(grads)
 
@@ -290,7 +293,8 @@ def _sync(device: torch.device) -> None:
 
 def _median_seconds(trial: _Trial, device: torch.device) -> float:
     times: list[float] = []
-    while len(times) < _MIN_RUNS or (len(times) < _MAX_RUNS and sum(times) < _TARGET_S):
+    # at least _MIN_RUNS, until _TARGET_S; a call longer than _TARGET_S (a large eval batch) twice is enough
+    while (len(times) < _MIN_RUNS and sum(times) < 2 * _TARGET_S) or (len(times) < _MAX_RUNS and sum(times) < _TARGET_S):
         _sync(device)
         t0 = time.perf_counter()
         trial.run()
