@@ -104,6 +104,32 @@ def test_a_wrong_gradient_is_caught(stand_in, monkeypatch):
     assert d.choice == "torch" and "gradient" in d.rejected["cpp"]
 
 
+def test_a_candidate_closer_to_float64_than_torch_passes_the_second_opinion(stand_in, monkeypatch):
+    # torch's float32 result off by 2e-3 (as a ReLU mask flipped by rounding is), exact in float64: a candidate that
+    # differs from torch but is within 2x torch's own float64 error is correct; one 3x further off is not
+    table = _registry._IMPLEMENTATIONS["activation"]
+    sloppy = _Candidate(lambda x: torch.relu(x + x.abs() * 2e-3 if x.dtype == torch.float32 else x))
+    monkeypatch.setitem(table, "torch", sloppy)
+    _favour(monkeypatch, "cpp")
+    for off, chosen in ((0.0, "cpp"), (6e-3, "torch")):
+        autotune.reset()
+        stand_in(lambda x, off=off: torch.relu(x * (1 + off)))
+        FF.relu(torch.randn(4, 3, 5, 5, requires_grad=True))
+        (d,) = autotune.decisions()
+        assert d.choice == chosen, d
+    assert "from float64" in d.rejected["cpp"] and "2x torch's" in d.rejected["cpp"]
+
+
+def test_the_gradient_check_does_not_depend_on_the_output_memory_format(stand_in, monkeypatch):
+    # the timing gradient is drawn in logical order: a candidate returning NCHW where torch returns NHWC gets the
+    # same gradient values (drawn per memory format, they differed and a correct candidate was rejected)
+    stand_in(lambda x: torch.relu(x).contiguous())
+    _favour(monkeypatch, "cpp")
+    FF.relu(torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last).requires_grad_())
+    (d,) = autotune.decisions()
+    assert d.choice == "cpp", d
+
+
 def test_nan_where_torch_has_none_is_rejected(stand_in, monkeypatch):
     stand_in(lambda x: torch.where(x > 2.5, float("nan"), torch.relu(x)))
     _favour(monkeypatch, "cpp")
