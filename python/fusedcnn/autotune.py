@@ -413,9 +413,9 @@ def _distributed() -> bool:
 
 
 def decide(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: Tensor, key: tuple,
-           random: bool) -> str:
+           random: bool, measure: Optional[Callable[[], Decision]] = None) -> str:
     """The backend for this call signature (key: signature()): from memory, the cache file, rank 0, or measured
-    now."""
+    now (by _measure, or by `measure()` for a decision that is not a backend: the layout)."""
     decision = _seen.get(key)
     if decision is not None:
         return decision.choice
@@ -431,9 +431,11 @@ def decide(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: 
         decision = _from_disk(readable)
         if decision is None:
             try:
-                decision = _measure(family, method, table, args, kwargs, x, key, random)
+                decision = measure() if measure else _measure(family, method, table, args, kwargs, x, key, random)
+                decision.signature = readable
             except Exception as e:  # noqa: BLE001 -- torch itself failed on these arguments: the real call says why
-                decision = Decision(family, method, readable, backends.static_choice(family, x), source="static",
+                static = LAYOUTS[0] if measure else backends.static_choice(family, x)
+                decision = Decision(family, method, readable, static, source="static",
                                     rejected={"measuring": f"{type(e).__name__}: {e}"[:200]})
     if _distributed():
         box = [asdict(decision) if decision is not None else None]
@@ -445,6 +447,74 @@ def decide(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: 
     if decision.source == "measured" and (not _distributed() or torch.distributed.get_rank() == 0):
         _save(readable, decision)
     return decision.choice
+
+
+# ---------------------------------------------------------------- the memory format a FusedSequential runs in
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def layout(module: torch.nn.Module, structure: str, x: Tensor, run: Callable[[Tensor, str], Tensor]) -> str:
+    """The memory format ("contiguous" or "channels_last") in which `run(x, format)` -- a FusedSequential's
+    forward over its children, on a 4-D NCHW input x -- is fastest; measured once per (structure, input signature, training, grad
+    mode), as Inductor's layout optimisation decides for the convolutions of a graph. `run` converts the
+    activations to it, and the output back: only the speed differs (every layer runs on backend "auto", each call of which is
+    checked against torch in its own right).
+
+    The measurement: the module's forward (and gradients of its parameters and x when grad mode records a graph)
+    in each format, once to warm up (the layers' own decisions), then interleaved, median of at least 3 runs;
+    its buffers (running statistics) are restored afterwards and the random state is forked, so measuring
+    changes nothing a plain call would not. channels_last must win by MARGIN."""
+    key = ("layout", "FusedSequential", torch.is_grad_enabled(), structure, module.training,
+           (x.dtype, x.device, tuple(x.shape), x.stride(), x.requires_grad))
+    decision = _seen.get(key)
+    if decision is not None:
+        return decision.choice
+    return decide("layout", "FusedSequential", {}, (), {}, x, key, False,
+                  measure=lambda: _measure_layout(module, x, run))
+
+
+def _measure_layout(module: torch.nn.Module, x: Tensor, run: Callable[[Tensor, str], Tensor]) -> Decision:
+    start = time.perf_counter()
+    params = [p for p in module.parameters() if p.requires_grad]
+    grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    devices = [x.device] if x.device.type == "cuda" else []
+    times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    grad_out = None
+
+    def once(name: str) -> float:
+        nonlocal grad_out
+        _sync(x.device)
+        t0 = time.perf_counter()
+        xi = x.detach().requires_grad_(x.requires_grad)
+        out = run(xi, name)
+        if grad and out.requires_grad:
+            if grad_out is None:
+                gen = torch.Generator(device=out.device).manual_seed(1234)
+                grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+            leaves = params + ([xi] if x.requires_grad else [])
+            torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        _sync(x.device)
+        return time.perf_counter() - t0
+
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for name in LAYOUTS:  # warm-up: the layers decide their backends for this format
+                once(name)
+            while min(len(t) for t in times.values()) < _MIN_RUNS or (
+                    sum(map(sum, times.values())) < 2 * _TARGET_S and len(times[LAYOUTS[0]]) < _MAX_RUNS):
+                for name in LAYOUTS:
+                    times[name].append(once(name))
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    if _timer_hook is not None:
+        medians = {name: _timer_hook(name, s) for name, s in medians.items()}
+    choice = "channels_last" if medians["channels_last"] * (1.0 + MARGIN) < medians["contiguous"] else "contiguous"
+    return Decision("layout", "FusedSequential", "", choice, {n: round(s * 1e3, 4) for n, s in medians.items()},
+                    {}, round(time.perf_counter() - start, 4))
 
 
 # ---------------------------------------------------------------- the cache file

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from fusedcnn import autotune, backends
 from fusedcnn.backends import check_backend_arg
 from fusedcnn.common import is_fx_proxy
 from fusedcnn.nn.activation import ReLU
@@ -156,6 +157,25 @@ def _global_hooks() -> bool:
                 or g._global_backward_pre_hooks)
 
 
+def _layout_measurable(plan: list[Step], x) -> bool:
+    """Whether "auto" may choose the memory format a FusedSequential runs in: an NCHW 4-D floating input, a plan
+    with a conv run, every fusedcnn module on "auto" and no hooks, autotune on, no tracing (torch.compile makes
+    its own layout choice) and no process group (measuring runs forward and backward on rank 0 alone, which
+    would deadlock a synchronized BatchNorm)."""
+    if not (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.is_contiguous() and x.numel()):
+        return False
+    if not autotune.enabled() or torch.compiler.is_compiling() or autotune._distributed():
+        return False
+    if backends.current_backend() != "auto":
+        return False
+    has_conv = False
+    for step in plan:
+        if any(getattr(m, "backend", "auto") not in ("auto", None) or _has_hooks(m) for m in step.modules):
+            return False
+        has_conv = has_conv or (step.pattern is not None and step.pattern.takes_pending)
+    return has_conv
+
+
 def _run_backend(mods: Sequence[nn.Module]) -> tuple[bool, Optional[str]]:
     """(can the run fuse, the backend its modules name: None = the context's). torch.nn modules (nn.Linear, or a
     model's own nn.Conv2d) name none and follow the others; fusedcnn modules naming different backends don't fuse."""
@@ -173,21 +193,44 @@ class FusedSequential(nn.Sequential):
     """
 
     def _plan(self) -> list[Step]:
+        return self._planned()[1]
+
+    def _planned(self) -> tuple:
+        """(children, plan, structure): structure names the children (types and weight shapes), the part of a
+        layout decision's key that tells this Sequential from another one."""
         children = tuple(self._modules.values())
         cached = self.__dict__.get("_fusedcnn_plan")
         if cached is None or cached[0] != children:
-            cached = (children, find_runs(children))
+            structure = ",".join(type(m).__name__ + ("" if getattr(m, "weight", None) is None
+                                                     else "x".join(map(str, m.weight.shape))) for m in children)
+            cached = (children, find_runs(children), structure)
             self.__dict__["_fusedcnn_plan"] = cached  # a plain attribute: not a submodule, not in state_dict
-        return cached[1]
+        return cached
 
     def forward(self, input):
         if _global_hooks() or is_fx_proxy(input):
             # torch.fx traces the children one by one: each records its own fusedcnn functional on its backend,
             # and every child's output is a node (torchvision's create_feature_extractor can return any of them).
             return super().forward(input)
+        _, plan, structure = self._planned()
+        if _layout_measurable(plan, input) and autotune.layout(self, structure, input,
+                                                                self._run) == "channels_last":
+            return self._run(input, "channels_last")
+        return self._run(input)
+
+    def _run(self, input, layout: str = "contiguous"):
+        """The plan over input (a Tensor, or whatever the first child takes). layout="channels_last" (input NCHW):
+        the activation entering the first conv run with more than one input channel is converted to NHWC, the
+        runs from there on keep it (torch's conv, BatchNorm and pooling kernels on CPU are often faster so, and
+        the conv of a contiguous (N, 1, H, W) input -- NHWC-contiguous too -- would turn it back to NCHW), and
+        the result is returned NCHW, as a plain Sequential gives it."""
         plan = self._plan()
         x = input
+        convert = layout == "channels_last"
         for i, step in enumerate(plan):
+            if convert and step.pattern is not None and step.pattern.takes_pending and isinstance(x, Tensor) \
+                    and x.dim() == 4 and x.shape[1] > 1:
+                x, convert = x.contiguous(memory_format=torch.channels_last), False
             fusable, backend = _run_backend(step.modules) if step.pattern else (False, None)
             if fusable and step.pattern.takes_pending:
                 raw = x.raw if isinstance(x, F_fused.Pending) else x
@@ -200,7 +243,8 @@ class FusedSequential(nn.Sequential):
             nxt = plan[i + 1] if i + 1 < len(plan) else None
             defer = nxt is not None and nxt.pattern is not None and nxt.pattern.takes_pending
             x = step.pattern.run(step.modules, x, backend, defer)
-        return F_fused.materialize(x)
+        x = F_fused.materialize(x)
+        return x.contiguous() if layout == "channels_last" and isinstance(x, Tensor) else x
 
     def fused_runs(self) -> list[tuple[str, list[str]]]:
         """The plan's fused runs as (pattern name, [child names]): what forward() fuses (hooks permitting)."""
