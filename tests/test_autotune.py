@@ -273,3 +273,62 @@ def test_all_ranks_take_rank_0s_decision(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["choices"] == ranks[1]["choices"] == ["torch", "torch"]
     assert ranks[0]["sources"] == ["measured", "measured"] and ranks[1]["sources"] == ["rank 0", "rank 0"]
+
+
+# ---------------------------------------------------------------- the memory format a FusedSequential runs in
+def _conv_stack(backend="auto"):
+    import fusedcnn.nn as fnn
+    torch.manual_seed(3)
+    return fnn.FusedSequential(
+        fnn.Conv2d(1, 6, 3, padding=1, bias=False, backend=backend), fnn.BatchNorm2d(6, backend=backend),
+        fnn.ReLU(backend=backend), fnn.MaxPool2d(2, backend=backend),
+        fnn.Conv2d(6, 8, 3, padding=1, backend=backend), fnn.BatchNormReLU2d(8, backend=backend))
+
+
+def _plain_copy(model):
+    import copy
+    plain = torch.nn.Sequential(*copy.deepcopy(list(model.children())))
+    with fusedcnn.use_backend("torch"):
+        return plain
+
+
+@pytest.mark.parametrize("winner", ["channels_last", "contiguous"])
+def test_a_fused_sequential_runs_in_the_measured_memory_format(monkeypatch, winner):
+    monkeypatch.setattr(autotune, "_timer_hook", lambda name, s: s if name == winner else s * 1000 + 1.0)
+    model = _conv_stack()
+    plain = _plain_copy(model)
+    x = torch.randn(5, 1, 8, 8, requires_grad=True)
+    y = model(x)
+    assert y.is_contiguous()  # NCHW out, as a plain Sequential gives it, whatever it ran in
+    (d,) = [d for d in autotune.decisions() if d.family == "layout"]
+    assert d.choice == winner and set(d.times_ms) == {"channels_last", "contiguous"} and d.cost_s > 0
+    # one call's effect, not the measuring's: outputs, gradients and running statistics as the plain model's
+    with fusedcnn.use_backend("torch"):
+        x2 = x.detach().clone().requires_grad_()
+        y2 = plain(x2)
+    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for (name, p), p2 in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for (name, b), b2 in zip(model.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, b2, rtol=1e-5, atol=1e-6, msg=name)
+    # the second conv run gets NHWC activations when channels_last won (the first: its 1-channel input as given);
+    # batch 6: the same bucket as 5 (8), nothing measured again
+    from fusedcnn.ops import fused as F_fused
+    n, seen, real = len(autotune.decisions()), [], F_fused.conv_bn_relu
+    monkeypatch.setattr(F_fused, "conv_bn_relu", lambda x, *a, **k: seen.append(x.stride()) or real(x, *a, **k))
+    model(torch.randn(6, 1, 8, 8, requires_grad=True))
+    assert len(autotune.decisions()) == n
+    assert len(seen) == 2 and (seen[1][1] == 1) == (winner == "channels_last"), seen
+
+
+def test_the_memory_format_is_not_measured_off_auto_or_switched_off(monkeypatch):
+    _conv_stack(backend="torch")(torch.randn(4, 1, 8, 8))
+    with fusedcnn.use_backend("torch"):
+        _conv_stack()(torch.randn(4, 1, 8, 8))
+    monkeypatch.setenv(autotune.ENV_SWITCH, "0")
+    _conv_stack()(torch.randn(4, 1, 8, 8))
+    assert autotune.decisions() == []
