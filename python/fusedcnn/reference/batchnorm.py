@@ -54,15 +54,17 @@ def batch_norm_stats(x: Tensor, process_group=None) -> tuple[Tensor, Tensor, int
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
                          count: int, momentum: float) -> None:
-    """running <- (1 - momentum) * running + momentum * batch, in place; the variance unbiased (var * M / (M-1)).
-    An empty batch (count 0) leaves them unchanged, as torch does."""
+    """running <- (1 - momentum) * running + momentum * batch, in place (lerp_: one op per statistic, the same
+    value to rounding); the variance unbiased (var * M / (M-1)). An empty batch (count 0) leaves them unchanged,
+    as torch does."""
     if isinstance(count, int) and count == 0:
         return
     if running_mean is not None:
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
     if running_var is not None:
         unbiased = var * (count / max(count - 1, 1))
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype),
+                          momentum)
 
 
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
