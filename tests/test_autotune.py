@@ -332,3 +332,13 @@ def test_the_memory_format_is_not_measured_off_auto_or_switched_off(monkeypatch)
     monkeypatch.setenv(autotune.ENV_SWITCH, "0")
     _conv_stack()(torch.randn(4, 1, 8, 8))
     assert autotune.decisions() == []
+
+
+def test_the_layout_conversion_hands_the_gradient_back_in_the_source_format():
+    from fusedcnn.nn.fused import _Relayout
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    y = _Relayout.apply(x, torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    (g,) = torch.autograd.grad(y, x, torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    assert g.is_contiguous()  # NCHW, as x: an NCHW layer before it gets no mixed-format gradient
+    torch.testing.assert_close(y, x)

@@ -253,3 +253,20 @@ def test_overhead_table(capsys):
         row = next(line for line in out.splitlines() if line.startswith(f"| {layer} |"))
         assert row.count("x)") == len(backends.split(","))  # a ratio per fusedcnn column
     assert "fusedcnn autotune:" in out
+
+
+def test_step_time_table(capsys):
+    import fusedcnn
+    from benchmarks import step_time
+    threads = torch.get_num_threads()
+    runs = ["torch", "torch-nhwc", "auto"] + (["cpp"] if "cpp" in fusedcnn.available_backends("cpu") else [])
+    assert step_time.main(["--runs", ",".join(runs), "--rounds", "2", "--warmup", "1", "--batch", "4",
+                           "--width", "0.03125"]) == 0
+    torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for run in runs:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {run} |"))
+        assert row.endswith("x |")
+    assert "auto chose:" in out and "layout" in out
+    with pytest.raises(SystemExit):
+        step_time.main(["--runs", "nonsense"])

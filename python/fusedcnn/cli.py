@@ -4,6 +4,7 @@
     fusedcnn bench kernels [...]  benchmarks/kernels.py: layer microbenchmarks against torch
     fusedcnn bench e2e [...]      benchmarks/e2e_mnist.py: end-to-end VGG16 training, every backend
     fusedcnn bench overhead [...] benchmarks/overhead.py: per-call cost on a tiny tensor against torch
+    fusedcnn bench step [...]     benchmarks/step_time.py: training-step time of every run, interleaved
     fusedcnn compile-check [...]  compile every Triton kernel (and the CUDA sources) for sm_80 / sm_90 without a
                                   GPU: registers, spills, shared memory (fusedcnn.compile_check; --help)
 
@@ -16,12 +17,13 @@ import importlib.util
 import os
 import sys
 
-BENCHMARKS = {"kernels": "kernels.py", "e2e": "e2e_mnist.py", "overhead": "overhead.py"}
+BENCHMARKS = {"kernels": "kernels.py", "e2e": "e2e_mnist.py", "overhead": "overhead.py", "step": "step_time.py"}
 USAGE = ("usage: fusedcnn {train,bench,compile-check} ...\n"
          "  fusedcnn train [options]        train VGG16 on MNIST (fusedcnn train --help)\n"
          "  fusedcnn bench kernels [...]    layer microbenchmarks (benchmarks/kernels.py)\n"
          "  fusedcnn bench e2e [...]        end-to-end VGG16 training benchmark (benchmarks/e2e_mnist.py)\n"
          "  fusedcnn bench overhead [...]   per-call cost of each layer on a tiny tensor (benchmarks/overhead.py)\n"
+         "  fusedcnn bench step [...]       training-step time of every run, interleaved (benchmarks/step_time.py)\n"
          "  fusedcnn compile-check [...]    compile every kernel for sm_80/sm_90 without a GPU "
          "(fusedcnn compile-check --help)\n")
 

@@ -29,7 +29,7 @@ from torch.nn.modules.utils import _pair
 
 from fusedcnn import autotune, backends
 from fusedcnn.backends import check_backend_arg
-from fusedcnn.common import is_fx_proxy
+from fusedcnn.common import dense_format, is_fx_proxy
 from fusedcnn.nn.activation import ReLU
 from fusedcnn.nn.batchnorm import BatchNorm2d, BatchNormReLU2d, batch_norm_arguments
 from fusedcnn.nn.conv import Conv2d
@@ -163,6 +163,21 @@ def _global_hooks() -> bool:
                 or g._global_backward_pre_hooks)
 
 
+class _Relayout(torch.autograd.Function):
+    """x copied into memory_format; its gradient copied back into x's own format. (Tensor.contiguous hands the
+    gradient back in the format it arrives in: an NHWC gradient reaching an NCHW layer sent torch's ReLU
+    backward through its slow mixed-format path, 2.3x its time.)"""
+
+    @staticmethod
+    def forward(ctx, x, memory_format):
+        ctx.source = dense_format(x)
+        return x.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.source), None
+
+
 def _layout_measurable(plan: list[Step], x) -> bool:
     """Whether "auto" may choose the memory format a FusedSequential runs in: an NCHW 4-D floating input, a plan
     with a conv run, every fusedcnn module on "auto" and no hooks, autotune on, no tracing (torch.compile makes
@@ -170,8 +185,9 @@ def _layout_measurable(plan: list[Step], x) -> bool:
     would deadlock a synchronized BatchNorm)."""
     if not (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.is_contiguous() and x.numel()):
         return False
-    if not autotune.enabled() or torch.compiler.is_compiling() or autotune._distributed():
-        return False
+    if not autotune.enabled() or torch.compiler.is_compiling() or autotune._distributed() \
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return False  # the plain plan under torch.func transforms and forward-mode AD (as dispatch runs torch)
     if backends.current_backend() != "auto":
         return False
     has_conv = False
@@ -236,7 +252,7 @@ class FusedSequential(nn.Sequential):
         for i, step in enumerate(plan):
             if convert and step.pattern is not None and step.pattern.takes_pending and isinstance(x, Tensor) \
                     and x.dim() == 4 and x.shape[1] > 1:
-                x, convert = x.contiguous(memory_format=torch.channels_last), False
+                x, convert = _Relayout.apply(x, torch.channels_last), False
             fusable, backend = _run_backend(step.modules) if step.pattern else (False, None)
             if fusable and step.pattern.takes_pending:
                 raw = x.raw if isinstance(x, F_fused.Pending) else x
@@ -250,7 +266,8 @@ class FusedSequential(nn.Sequential):
             defer = nxt is not None and nxt.pattern is not None and nxt.pattern.takes_pending
             x = step.pattern.run(step.modules, x, backend, defer)
         x = F_fused.materialize(x)
-        return x.contiguous() if layout == "channels_last" and isinstance(x, Tensor) else x
+        return _Relayout.apply(x, torch.contiguous_format) if layout == "channels_last" and isinstance(x, Tensor) \
+            else x
 
     def fused_runs(self) -> list[tuple[str, list[str]]]:
         """The plan's fused runs as (pattern name, [child names]): what forward() fuses (hooks permitting)."""
