@@ -20,8 +20,10 @@ TORCH_LIBRARY(fusedcnn, m) {
   m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? bias, Tensor? sum_dy, Tensor? sum_dy_xmu, float count, bool relu) -> Tensor");
   // Training forward / backward in one call each (no sync BN between the passes): the CPU kernels keep a
-  // channel in cache between the passes; elsewhere the two-pass composition of the ops above.
-  m.def("batch_norm_train_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, bool relu) -> "
+  // channel in cache between the passes; elsewhere the two-pass composition of the ops above. The forward also
+  // updates the running statistics given (momentum; the variance unbiased), as aten::native_batch_norm does.
+  m.def("batch_norm_train_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> "
         "(Tensor y, Tensor mean, Tensor var, Tensor invstd)");
   m.def("batch_norm_train_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? bias, bool relu) -> (Tensor grad_x, Tensor sum_dy, Tensor sum_dy_xmu)");

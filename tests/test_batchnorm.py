@@ -213,12 +213,22 @@ def test_cpp_train_ops_match_the_four_op_composition(dtype, shape, channels_last
     w, b = randn(c), randn(c)
     fwd, bwd = op("cpp", "batch_norm_train_forward"), op("cpp", "batch_norm_train_backward")
     for relu in (False, True):
-        y, mean, var, invstd = fwd(x, w, b, 1e-5, relu)
+        # running stats of x's dtype (or float32 beside bfloat16 input, as AMP keeps them)
+        stats_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        running = [randn(c, dtype=stats_dtype), torch.rand(c, dtype=stats_dtype) + 0.5]
+        if relu:  # a strided running_var: updated outside the CPU kernel's channel loop
+            running[1] = (torch.rand(2 * c, dtype=stats_dtype) + 0.5)[::2]
+        running2 = [t.clone() for t in running]
+        y, mean, var, invstd = fwd(x, w, b, *running, 0.3, 1e-5, relu)
         mean2, var2 = op("cpp", "batch_norm_stats")(x)
         invstd2 = torch.rsqrt(var2 + 1e-5)
         y2 = op("cpp", "batch_norm_apply")(x, mean2, invstd2, w, b, relu)
         for got, want in ((y, y2), (mean, mean2), (var, var2), (invstd, invstd2)):
             assert_close(got, want, dtype)
+        # the running statistics: updated in place as torch's BatchNorm does (the variance unbiased)
+        fusedcnn.reference.batchnorm.update_running_stats(*running2, mean2, var2, x.numel() // c, 0.3)
+        for got, want in zip(running, running2):
+            assert_close(got, want, stats_dtype)
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         dx, sdy, sdyx = bwd(g, x, mean, invstd, w, b, relu)
         sdy2, sdyx2 = op("cpp", "batch_norm_backward_reduce")(g, x, mean, invstd, w, b, relu)
@@ -227,8 +237,8 @@ def test_cpp_train_ops_match_the_four_op_composition(dtype, shape, channels_last
         for got, want in ((dx, dx2), (sdy, sdy2), (sdyx, sdyx2)):
             assert_close(got, want, dtype)
     if shape == SHAPE and dtype == torch.float32:
-        torch.library.opcheck(fwd, (x, w, b, 1e-5, True))
-        torch.library.opcheck(fwd, (x, None, None, 1e-3, False))
+        torch.library.opcheck(fwd, (x, w, b, torch.zeros(c), torch.ones(c), 0.1, 1e-5, True))
+        torch.library.opcheck(fwd, (x, None, None, None, None, 0.1, 1e-3, False))
         torch.library.opcheck(bwd, (g, x, mean, invstd, w, b, True))
         torch.library.opcheck(bwd, (g, x, mean, invstd, None, None, False))
 

@@ -1,6 +1,7 @@
 // The autograd of BatchNorm's one-call training forward (csrc/autograd.h; the cpp backend's training path
 // without sync, python/fusedcnn/ops/batchnorm.py):
-//   batch_norm_train_forward(x, weight?, bias?, eps, relu) -> (y, mean, var, invstd)
+//   batch_norm_train_forward(x, weight?, bias?, running_mean?, running_var?, momentum, eps, relu)
+//       -> (y, mean, var, invstd)          running_mean / running_var updated in place (not differentiable)
 // y is differentiable in x, weight and bias (through the batch statistics); mean, var, invstd are not (their
 // gradient flows through y). x, weight, bias, mean, invstd saved. Backward: batch_norm_train_backward when dx is
 // needed, else batch_norm_backward_reduce; dweight = sum_dy_xmu * invstd, dbias = sum_dy. Double backward:
@@ -52,16 +53,17 @@ variable_list differentiable_grads(const at::Tensor& grad_out, const at::Tensor&
 
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   static const auto& op() {
-    static const auto h =
-        op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&,
-                                                                             const OptTensor&, double, bool)>(
-            "fusedcnn::batch_norm_train_forward");
+    static const auto h = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
+        bool)>("fusedcnn::batch_norm_train_forward");
     return h;
   }
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
-                               const OptTensor& bias, double eps, bool relu) {
-    auto [y, mean, var, invstd] = call_below_autograd(op(), x, weight, bias, eps, relu);
+                               const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                               double momentum, double eps, bool relu) {
+    auto [y, mean, var, invstd] =
+        call_below_autograd(op(), x, weight, bias, running_mean, running_var, momentum, eps, relu);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, invstd});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
@@ -83,7 +85,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const size_t weight_edge = 1, bias_edge = weight.defined() ? 2 : 1;
     const std::array<bool, 3> needs{ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(weight_edge),
                                     bias.defined() && ctx->needs_input_grad(bias_edge)};
-    variable_list result(5);
+    variable_list result(8);
     if (at::GradMode::is_enabled()) {
       variable_list g = differentiable_grads(grads[0], x, weight, bias, mean, invstd,
                                              ctx->saved_data["eps"].toDouble(), relu, needs);
@@ -105,11 +107,25 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   }
 };
 
+// The in-place update of a running statistic, as autograd sees in-place ops: its version counter moves (a graph
+// that saved it then refuses to use the stale value).
+void bump_version(const OptTensor& t) {
+  if (t.has_value() && t->defined()) t->unsafeGetTensorImpl()->bump_version();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_forward_autograd(
-    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, bool relu) {
-  if (!records_grad(x, weight, bias)) return call_below_autograd(BatchNormTrain::op(), x, weight, bias, eps, relu);
-  auto res = BatchNormTrain::apply(x, weight, bias, eps, relu);
-  return {res[0], res[1], res[2], res[3]};
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, double momentum, double eps, bool relu) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  if (!records_grad(x, weight, bias)) {
+    out = call_below_autograd(BatchNormTrain::op(), x, weight, bias, running_mean, running_var, momentum, eps, relu);
+  } else {
+    auto res = BatchNormTrain::apply(x, weight, bias, running_mean, running_var, momentum, eps, relu);
+    out = {res[0], res[1], res[2], res[3]};
+  }
+  bump_version(running_mean);
+  bump_version(running_var);
+  return out;
 }
 
 }  // namespace

@@ -390,9 +390,15 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_forward_cuda(
-    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
-    bool relu) {
-  return bn::train_forward_two_pass(x, weight, bias, eps, relu, batch_norm_stats_cuda, batch_norm_apply_cuda);
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
+    double eps, bool relu) {
+  bn::check_input(x, "x", at::kCUDA);
+  bn::check_running_stats(running_mean, running_var, x);
+  auto result = bn::train_forward_two_pass(x, weight, bias, eps, relu, batch_norm_stats_cuda, batch_norm_apply_cuda);
+  bn::update_running_stats(running_mean, running_var, std::get<1>(result), std::get<2>(result),
+                           x.numel() / std::max<int64_t>(x.size(1), 1), momentum);
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward_cuda(

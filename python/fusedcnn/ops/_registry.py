@@ -118,19 +118,31 @@ def register(name: str, *, fake: Callable, setup_context: Callable | None = None
     for backend in (b for b in registered_backends() if _ONLY.get(name, b) == b):
         try:
             fwd = op(backend, name)
+            stale = backend == "cpp" and _arguments(fwd._schema) != _arguments(_table_schema(name))
         except AttributeError:
             if backend != "cpp":
                 raise
-            # A fusedcnn._C built from older sources: say so when the cpp backend is asked for,
-            # instead of failing the whole import.
+            fwd, stale = None, True
+        if stale:
+            # A fusedcnn._C built from older sources (no such op, or another schema): say so when the cpp
+            # backend is asked for, instead of failing the whole import or calling it with the wrong arguments.
             backends._import_errors["cpp"] = (
-                f"fusedcnn._C is out of date (it has no op '{name}'): rebuild it with "
+                f"fusedcnn._C is out of date (its op '{name}' is missing or has another schema): rebuild it with "
                 "`pip install --no-build-isolation -e .` (or bash scripts/setup.sh)")
             continue
         torch.library.register_fake(fwd)(fake)
         if backward_factory is not None and not (backend == "cpp" and has_cpp_autograd(name)):
             torch.library.register_autograd(fwd, _backward(name, backward_factory(backend), differentiable_backward),
                                             setup_context=setup_context)
+
+
+def _table_schema(name: str) -> torch._C.FunctionSchema:
+    return torch._C.parse_schema(f"fusedcnn::{name}{SCHEMAS[name][1]}")
+
+
+def _arguments(schema: torch._C.FunctionSchema) -> list[tuple[str, str]]:
+    """An op's arguments as (name, type) pairs: what a caller must pass."""
+    return [(a.name, str(a.type)) for a in schema.arguments]
 
 
 class CompiledOps:

@@ -19,7 +19,8 @@ They are split where sync BN (torch.distributed) has to reduce across ranks:
   = the minimum the math allows: the statistics must be complete before any element is normalized,
   and sum_dy / sum_dy_xmu before any dx.
 The cpp backend also has each direction as one op, used in training without sync:
-  batch_norm_train_forward(x, weight?, bias?, eps, relu) -> (y, mean, var, invstd)
+  batch_norm_train_forward(x, weight?, bias?, running_mean?, running_var?, momentum, eps, relu)
+      -> (y, mean, var, invstd), the running statistics updated in place (as aten::native_batch_norm)
   batch_norm_train_backward(g, x, mean, invstd, weight?, bias?, relu) -> (dx, sum_dy, sum_dy_xmu)
 On CPU, when one channel (N*H*W values, NCHW) fits in L2, a task per channel reads it from memory once for
 the statistics (or the reduction) and again from cache for y (or dx): 2 and 3 passes over memory instead
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.ops._registry import define, dispatch, has_cpp_autograd, has_op, implement, op, register
+from fusedcnn.ops._registry import define, dispatch, has_op, implement, op, register
 from fusedcnn.common import accumulation_dtype, entry_point
 from fusedcnn.reference.batchnorm import update_running_stats
 from fusedcnn.common import dense_format
@@ -60,7 +61,8 @@ define("batchnorm", {
                                  "Tensor? bias, Tensor? sum_dy, Tensor? sum_dy_xmu, float count, bool relu) -> Tensor",
 })
 define("batchnorm", {  # cpp only: the training forward / backward in one call each
-    "batch_norm_train_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, bool relu) -> "
+    "batch_norm_train_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+                                "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> "
                                 "(Tensor y, Tensor mean, Tensor var, Tensor invstd)",
     "batch_norm_train_backward": "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
                                  "Tensor? bias, bool relu) -> (Tensor grad_x, Tensor sum_dy, Tensor sum_dy_xmu)",
@@ -176,44 +178,6 @@ class _BatchNormApply(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None, None
 
 
-# The cpp op batch_norm_train_forward differentiates y itself (an Autograd kernel in C++, the same formulas as
-# _BatchNormTrain); a fusedcnn._C built before it had one runs through _BatchNormTrain.
-_TRAIN_AUTOGRAD_IN_CPP = has_cpp_autograd("batch_norm_train_forward")
-
-
-class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode relu?(batch_norm(x)) without sync on a backend with the one-call training ops (cpp): one op
-    forward, one backward
-    (batch_norm_train_forward / _backward). Returns (y, mean, var); mean and var (batch statistics, biased)
-    are for the running-stat update, not differentiable outputs (their gradient flows through y)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu, backend):
-        y, mean, var, invstd = op(backend, "batch_norm_train_forward")(x, weight, bias, eps, relu)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.relu, ctx.backend, ctx.eps = relu, backend, eps
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        if torch.is_grad_enabled():  # double backward: differentiable torch ops instead of the kernels
-            return _differentiable_grads(grad_out, x, weight, bias, mean, invstd, ctx.eps, True, ctx.relu, None,
-                                         (need_x, need_w, need_b)) + (None,) * 3
-        if need_x:
-            dx, sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_train_backward")(
-                grad_out, x, mean, invstd, weight, bias, ctx.relu)
-        elif need_w or need_b:
-            sum_dy, sum_dy_xmu = op(ctx.backend, "batch_norm_backward_reduce")(grad_out, x, mean, invstd, weight,
-                                                                              bias, ctx.relu)
-        if need_w or need_b:
-            dw, db = _affine_grads(sum_dy, sum_dy_xmu, invstd, weight, bias, need_w, need_b)
-        return dx, dw, db, None, None, None
-
-
 def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
     """Merge every rank's (count, mean, biased var) exactly (Chan et al.): one all_gather of 2C+1 numbers."""
     world = torch.distributed.get_world_size(group)
@@ -233,12 +197,9 @@ def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, m
     """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if training and group is None and has_op(backend, "batch_norm_train_forward"):
-        if _TRAIN_AUTOGRAD_IN_CPP:  # the op's own autograd (csrc/batchnorm/batchnorm_autograd.cpp)
-            y, mean, var, _ = op(backend, "batch_norm_train_forward")(x, weight, bias, eps, relu)
-        else:
-            y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps, relu, backend)
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        return y
+        # One op: statistics, running-stat update and apply; its autograd is C++ (csrc/batchnorm/*_autograd.cpp).
+        return op(backend, "batch_norm_train_forward")(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                       relu)[0]
     if training:
         mean, var = op(backend, "batch_norm_stats")(x.detach())
         if group is not None:
