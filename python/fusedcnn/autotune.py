@@ -21,9 +21,9 @@ element of a conv-BN-ReLU-pool input gradient). Methods that draw a dropout mask
 mask as triton and cpp (torch's mask comes from another stream), with the random state reset before each run.
 A backend that raises or disagrees is rejected (autotune_report() says why).
 
-The timing: forward, plus torch.autograd.grad of the outputs when the call records a graph; median of at
-least 3 runs and about 20 ms per candidate (2 runs when one takes more than 20 ms; CUDA synchronised around
-each run). A candidate must beat torch
+The timing: forward, plus torch.autograd.grad of the outputs when the call records a graph; the candidates
+run in interleaved rounds (at least 3, and about 20 ms per candidate; 2 when one round takes more than 20 ms;
+CUDA synchronised around each run), each keeping its fastest run. A candidate must beat torch
 by more than MARGIN to be chosen over it (noise on a shared machine must not flip choices).
 
 No timing happens -- the static order (fusedcnn.backends) decides -- when:
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -69,7 +68,7 @@ class Decision:
     method: str
     signature: str  # the key, readable
     choice: str
-    times_ms: dict = field(default_factory=dict)  # backend -> median ms (fwd, or fwd+bwd when grad)
+    times_ms: dict = field(default_factory=dict)  # backend -> fastest run's ms (fwd, or fwd+bwd when grad)
     rejected: dict = field(default_factory=dict)  # backend -> why it was not a candidate
     cost_s: float = 0.0  # the one-time cost of checking and timing (0 when read from a cache)
     source: str = "measured"  # "measured" | "cache" | "rank 0" | "static" (measuring failed)
@@ -338,16 +337,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(trial: _Trial, device: torch.device) -> float:
-    times: list[float] = []
-    # at least _MIN_RUNS, until _TARGET_S; a call longer than _TARGET_S (a large eval batch) twice is enough
-    while (len(times) < _MIN_RUNS and sum(times) < 2 * _TARGET_S) or (len(times) < _MAX_RUNS and sum(times) < _TARGET_S):
-        _sync(device)
-        t0 = time.perf_counter()
-        trial.run()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _fastest_seconds(trials: dict, device: torch.device) -> tuple[dict, dict]:
+    """({name: seconds}, {name: why it failed}) for the trials {name: _Trial}, timed in interleaved rounds (one run of
+    each per round) until each has _MIN_RUNS runs and the round total reached _TARGET_S (at most _MAX_RUNS rounds;
+    two when one round takes more than _TARGET_S). Each keeps its fastest run: on a shared machine other processes
+    only ever add time, and a burst of them hits every candidate of a round alike instead of one candidate's whole
+    timing window (timed one after the other, a burst made a 2.4x faster conv lose)."""
+    times: dict[str, list] = {name: [] for name in trials}
+    failed: dict[str, str] = {}
+    rounds = 0
+    while times and (rounds < _MIN_RUNS and sum(map(sum, times.values())) < 2 * _TARGET_S * len(times)
+                     or rounds < _MAX_RUNS and sum(map(sum, times.values())) < _TARGET_S * len(times)):
+        rounds += 1
+        for name in list(times):
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                trials[name].run()
+                _sync(device)
+            except Exception as e:  # noqa: BLE001 -- a backend that cannot serve this call is not a candidate
+                if name == "torch":
+                    raise
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                del times[name]
+                continue
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}, failed
 
 
 # ---------------------------------------------------------------- deciding
@@ -374,7 +389,7 @@ def _measure(family: str, method: str, table: dict, args: tuple, kwargs: dict, x
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args) + _tensors(tuple(kwargs.values())))
     tol = _tolerance(x.dtype, x.device)
     devices = [x.device] if x.device.type == "cuda" else []
-    times: dict[str, float] = {}
+    trials: dict[str, _Trial] = {}  # the candidates that agree with torch (or reference), torch first
     with torch.random.fork_rng(devices=devices):  # the measuring draws no number the real call would have drawn
         rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
@@ -401,17 +416,16 @@ def _measure(family: str, method: str, table: dict, args: tuple, kwargs: dict, x
                     if why:
                         rejected[name] = f"disagrees with {'reference' if random else 'torch'}: {why}"
                         continue
-                if name == "reference":
-                    continue
-                seconds = _median_seconds(trial, x.device)
+                if name != "reference":
+                    trials[name] = trial
             except Exception as e:  # noqa: BLE001 -- a backend that cannot serve this call is not a candidate
                 if name == "torch" or (random and name == "reference"):
                     raise
                 rejected[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                continue
-            if _timer_hook is not None:
-                seconds = _timer_hook(name, seconds)
-            times[name] = seconds
+        times, failed = _fastest_seconds(trials, x.device)
+        rejected.update(failed)
+    if _timer_hook is not None:
+        times = {name: _timer_hook(name, seconds) for name, seconds in times.items()}
     choice = min(times, key=lambda n: times[n] * (1.0 if n == "torch" else 1.0 + MARGIN))
     return Decision(family, method, _readable(key), choice, {n: round(s * 1e3, 4) for n, s in times.items()},
                     rejected, round(time.perf_counter() - start, 4))
@@ -471,7 +485,8 @@ def layout(module: torch.nn.Module, structure: str, x: Tensor, run: Callable[[Te
     checked against torch in its own right).
 
     The measurement: the module's forward (and gradients of its parameters and x when grad mode records a graph)
-    in each format, once to warm up (the layers' own decisions), then interleaved, median of at least 3 runs;
+    in each format, once to warm up (the layers' own decisions), then interleaved, the fastest of at least 3
+    runs (as _fastest_seconds);
     its buffers (running statistics) are restored afterwards and the random state is forked, so measuring
     changes nothing a plain call would not. channels_last must win by MARGIN."""
     key = ("layout", "FusedSequential", torch.is_grad_enabled(), structure, module.training,
@@ -519,13 +534,13 @@ def _measure_layout(module: torch.nn.Module, x: Tensor, run: Callable[[Tensor, s
         with torch.no_grad():
             for b, copy in saved:
                 b.copy_(copy)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    fastest = {name: min(t) for name, t in times.items()}
     if _timer_hook is not None:
-        medians = {name: _timer_hook(name, s) for name, s in medians.items()}
-    choice = "channels_last" if medians["channels_last"] * (1.0 + MARGIN) < medians["contiguous"] else "contiguous"
+        fastest = {name: _timer_hook(name, s) for name, s in fastest.items()}
+    choice = "channels_last" if fastest["channels_last"] * (1.0 + MARGIN) < fastest["contiguous"] else "contiguous"
     # the layers' decisions taken during the warm-ups report their own cost: not counted twice
     inner = sum(d.cost_s for k, d in _decisions.items() if k not in before)
-    return Decision("layout", "FusedSequential", "", choice, {n: round(s * 1e3, 4) for n, s in medians.items()},
+    return Decision("layout", "FusedSequential", "", choice, {n: round(s * 1e3, 4) for n, s in fastest.items()},
                     {}, round(max(time.perf_counter() - start - inner, 0.0), 4))
 
 
