@@ -53,7 +53,7 @@ def stand_in(monkeypatch):
     def install(fn):
         cand = _Candidate(fn)
         monkeypatch.setitem(table, "cpp", cand)
-        monkeypatch.setattr(autotune, "_candidates", lambda family, x: (["torch", "cpp"], {}))
+        monkeypatch.setattr(autotune, "_candidates", lambda family, x, extra=(): (["torch", "cpp"], {}))
         return cand
     return install
 
@@ -273,6 +273,43 @@ def test_all_ranks_take_rank_0s_decision(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["choices"] == ranks[1]["choices"] == ["torch", "torch"]
     assert ranks[0]["sources"] == ["measured", "measured"] and ranks[1]["sources"] == ["rank 0", "rank 0"]
+
+
+# ---------------------------------------------------------------- the fused family's per-layer candidate
+@pytest.mark.parametrize("winner", ["per-layer", "torch"])
+def test_a_fused_run_can_run_each_layer_on_its_own_choice(monkeypatch, winner):
+    """auto's "per-layer" candidate for a conv-BN-ReLU-pool run: each layer on its own "auto" decision (taken
+    while it is measured), checked against torch like any candidate; chosen only when measured fastest."""
+    monkeypatch.setattr(autotune, "_timer_hook", lambda name, s: s if name == winner else s * 1000 + 1.0)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 8, 8, generator=gen).requires_grad_()
+    w = torch.randn(6, 3, 3, 3, generator=gen).requires_grad_()
+    gamma, beta = torch.rand(6, generator=gen).add(0.5).requires_grad_(), torch.randn(6, generator=gen)
+    stats = [torch.zeros(6), torch.ones(6)]
+    want_stats = [t.clone() for t in stats]
+    y = FF.conv_bn_relu(x, w, None, *stats, gamma, beta, True, 0.1, 1e-5, 1, 1, pool=True)
+    (fused,) = [d for d in autotune.decisions() if d.family == "fused"]
+    assert fused.choice == winner and "per-layer" in fused.times_ms, fused
+    assert {d.family for d in autotune.decisions()} >= {"fused", "conv", "batchnorm", "pooling"}
+    # one call's effect, whatever ran: output, gradients and running statistics as torch's
+    x2, w2, gamma2 = (t.detach().clone().requires_grad_() for t in (x, w, gamma))
+    y2 = F.max_pool2d(F.relu(F.batch_norm(F.conv2d(x2, w2, None, 1, 1), *want_stats, gamma2, beta, True)), 2)
+    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-4)
+    g = torch.randn(y.shape, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, w, gamma), g), torch.autograd.grad(y2, (x2, w2, gamma2), g),
+                               rtol=1e-4, atol=1e-4)
+    for got, want in zip(stats, want_stats):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the decision is reused: a second call measures nothing
+    n = len(autotune.decisions())
+    FF.conv_bn_relu(x, w, None, *stats, gamma, beta, True, 0.1, 1e-5, 1, 1, pool=True)
+    assert len(autotune.decisions()) == n
+
+
+def test_the_per_layer_candidate_is_not_measured_under_distributed(monkeypatch):
+    monkeypatch.setattr(autotune, "_distributed", lambda: True)
+    names, rejected = autotune._candidates("fused", torch.randn(2, 3, 4, 4), ("per-layer",))
+    assert "per-layer" not in names and "distributed" in rejected["per-layer"]
 
 
 # ---------------------------------------------------------------- the memory format a FusedSequential runs in

@@ -366,7 +366,11 @@ def _fastest_seconds(trials: dict, device: torch.device) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------- deciding
-def _candidates(family: str, x: Tensor) -> tuple[list[str], dict]:
+def _candidates(family: str, x: Tensor, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """(the backends to check and time, torch first; {left out: why}). extra: the family's further candidates
+    (registry.implement's extra=), measured only outside torch.distributed: they take decisions of their own
+    while measured (per-layer: each layer's), which under distributed would broadcast out of step with the
+    ranks waiting for this one."""
     device_type, out, rejected = x.device.type, [], {}
     for name in backends.BACKENDS:
         if name == "reference":
@@ -379,13 +383,18 @@ def _candidates(family: str, x: Tensor) -> tuple[list[str], dict]:
             rejected[name] = f"no {x.dtype} kernels for {family} on {device_type}"
         else:
             out.append(name)
+    for name in extra:
+        if _distributed():
+            rejected[name] = "not measured under torch.distributed (it takes decisions of its own)"
+        else:
+            out.append(name)
     return out, rejected
 
 
 def _measure(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: Tensor, key: tuple,
-             random: bool) -> Decision:
-    start = time.perf_counter()
-    names, rejected = _candidates(family, x)
+             random: bool, extra: tuple[str, ...] = ()) -> Decision:
+    start, before = time.perf_counter(), set(_decisions)
+    names, rejected = _candidates(family, x, extra)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args) + _tensors(tuple(kwargs.values())))
     tol = _tolerance(x.dtype, x.device)
     devices = [x.device] if x.device.type == "cuda" else []
@@ -427,8 +436,10 @@ def _measure(family: str, method: str, table: dict, args: tuple, kwargs: dict, x
     if _timer_hook is not None:
         times = {name: _timer_hook(name, seconds) for name, seconds in times.items()}
     choice = min(times, key=lambda n: times[n] * (1.0 if n == "torch" else 1.0 + MARGIN))
+    # decisions taken inside (a per-layer candidate's layers) report their own cost: not counted twice
+    inner = sum(d.cost_s for k, d in _decisions.items() if k not in before)
     return Decision(family, method, _readable(key), choice, {n: round(s * 1e3, 4) for n, s in times.items()},
-                    rejected, round(time.perf_counter() - start, 4))
+                    rejected, round(max(time.perf_counter() - start - inner, 0.0), 4))
 
 
 def _distributed() -> bool:
@@ -437,7 +448,7 @@ def _distributed() -> bool:
 
 
 def decide(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: Tensor, key: tuple,
-           random: bool, measure: Optional[Callable[[], Decision]] = None) -> str:
+           random: bool, measure: Optional[Callable[[], Decision]] = None, extra: tuple[str, ...] = ()) -> str:
     """The backend for this call signature (key: signature()): from memory, the cache file, rank 0, or measured
     now (by _measure, or by `measure()` for a decision that is not a backend: the layout)."""
     decision = _seen.get(key)
@@ -455,7 +466,8 @@ def decide(family: str, method: str, table: dict, args: tuple, kwargs: dict, x: 
         decision = _from_disk(readable)
         if decision is None:
             try:
-                decision = measure() if measure else _measure(family, method, table, args, kwargs, x, key, random)
+                decision = (measure() if measure else
+                            _measure(family, method, table, args, kwargs, x, key, random, extra))
                 decision.signature = readable
             except Exception as e:  # noqa: BLE001 -- torch itself failed on these arguments: the real call says why
                 static = LAYOUTS[0] if measure else backends.static_choice(family, x)

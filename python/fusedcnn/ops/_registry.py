@@ -27,6 +27,7 @@ Forward-mode AD and the torch.func transforms (vmap, grad, jvp, jacfwd, ...): `d
 """
 from __future__ import annotations
 
+import collections
 import importlib
 from typing import Callable
 
@@ -170,14 +171,18 @@ def families() -> tuple[str, ...]:
     return tuple(sorted(_IMPLEMENTATIONS))
 
 
-def implement(family: str, table: dict[str, object], *, random: tuple[str, ...] = ()) -> dict[str, object]:
+def implement(family: str, table: dict[str, object], *, random: tuple[str, ...] = (),
+              extra: dict[str, object] | None = None) -> dict[str, object]:
     """Register family's table {backend: implementation}; every backend of fusedcnn.backends must appear.
-    random: the methods that draw a dropout mask (autotune checks them against reference's Philox mask)."""
+    random: the methods that draw a dropout mask (autotune checks them against reference's Philox mask).
+    extra: further candidates {name: implementation} for "auto" alone to measure, not backends a user can name
+    (the fused family's "per-layer": each layer of the run on its own "auto" choice)."""
     missing = set(backends.BACKENDS) - set(table)
     if missing:
         raise ValueError(f"family {family!r} has no implementation for backend(s) {sorted(missing)}")
     _IMPLEMENTATIONS[family] = table
-    _AUTO[family] = _Measured(family, table, random)
+    # auto looks a name up in the table first, then in extra (a ChainMap: the live table, as tests patch it)
+    _AUTO[family] = _Measured(family, collections.ChainMap(table, dict(extra or {})), random, tuple(extra or ()))
     return table
 
 
@@ -185,13 +190,13 @@ class _Measured:
     """A family's "auto" implementation: each method call runs on the backend fusedcnn.autotune chose for the
     call's signature (measured on first use), or on the static order's when the call cannot be replayed."""
 
-    def __init__(self, family: str, table: dict[str, object], random: tuple[str, ...]):
-        self.family, self.table, self.random = family, table, random
+    def __init__(self, family: str, table: dict[str, object], random: tuple[str, ...], extra: tuple[str, ...]):
+        self.family, self.table, self.random, self.extra = family, table, random, extra
 
     def __getattr__(self, method: str):
         if method.startswith("__"):
             raise AttributeError(method)
-        family, table, random = self.family, self.table, method in self.random
+        family, table, random, extra = self.family, self.table, method in self.random, self.extra
 
         def call(*args, **kwargs):
             x = args[0]
@@ -201,7 +206,7 @@ class _Measured:
             if key is None:
                 name = backends.static_choice(family, x)
             else:
-                name = autotune.decide(family, method, table, args, kwargs, x, key, random)
+                name = autotune.decide(family, method, table, args, kwargs, x, key, random, extra=extra)
             return getattr(table[name], method)(*args, **kwargs)
 
         call.__name__ = method

@@ -321,7 +321,8 @@ def materialize(x: Union[Tensor, Pending]) -> Tensor:
 
 # ============================================================================ implementations
 class _Composition:
-    """torch / reference / cpp: the backend's own conv2d, batch_norm_relu, max_pool2d, relu and dropout."""
+    """torch / reference / cpp: the backend's own conv2d, batch_norm_relu, max_pool2d, relu and dropout; "auto" (the
+    per-layer candidate): each of them on its own "auto" choice."""
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -393,8 +394,11 @@ class _Triton:
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# "per-layer" (auto's alone): the composition with each layer on its own "auto" choice -- on CPU, torch's conv on
+# NHWC activations with cpp's BatchNorm+ReLU, say, where neither backend's whole run wins.
 IMPLEMENTATIONS = implement(FAMILY, {"torch": _Composition("torch"), "reference": _Composition("reference"),
-                                     "cpp": _Composition("cpp"), "triton": _Triton}, random=("linear_relu_dropout",))
+                                     "cpp": _Composition("cpp"), "triton": _Triton}, random=("linear_relu_dropout",),
+                            extra={"per-layer": _Composition("auto")})
 
 
 # ============================================================================ functional entry points
