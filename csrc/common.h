@@ -37,11 +37,13 @@ inline void check_same_dtype(const char* op, const at::Tensor& a, const char* a_
 }
 
 // The memory format an elementwise result keeps (python/fusedcnn/common.py dense_format): NHWC when x is
-// NHWC-dense and not also NCHW-contiguous, else NCHW.
+// NHWC-dense and not also NCHW-contiguous -- or, with one channel (both then), when its strides are NHWC's own
+// (channel stride 1: torch's suggest_memory_format says channels_last for it, and its conv returns NHWC) --,
+// else NCHW.
 inline at::MemoryFormat dense_format(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
+  if (x.dim() != 4 || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::Contiguous;
+  const bool nhwc_strided_channel = x.size(1) == 1 && x.stride(1) == 1 && x.size(2) * x.size(3) > 1;
+  return !x.is_contiguous() || nhwc_strided_channel ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // The dtype reductions and per-channel statistics accumulate in: float64 for float64, else float32.

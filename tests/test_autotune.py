@@ -352,7 +352,7 @@ def test_a_fused_sequential_runs_in_the_measured_memory_format(monkeypatch, winn
         torch.testing.assert_close(p.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
     for (name, b), b2 in zip(model.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, b2, rtol=1e-5, atol=1e-6, msg=name)
-    # the second conv run gets NHWC activations when channels_last won (the first: its 1-channel input as given);
+    # the second conv run gets NHWC activations when channels_last won;
     # batch 6: the same bucket as 5 (8), nothing measured again
     from fusedcnn.ops import fused as F_fused
     n, seen, real = len(autotune.decisions()), [], F_fused.conv_bn_relu

@@ -106,6 +106,22 @@ def test_conv_dtypes_and_layouts(backend, dtype, channels_last):
     assert gx.is_contiguous(memory_format=fmt), "grad_input memory format must follow the input's"
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_a_one_channel_input_strided_nhwc_gives_nhwc_as_torch(backend):
+    """A (N, 1, H, W) tensor is dense in both formats; strided NHWC (channel stride 1) torch's conv returns NHWC, and
+    so does every backend (dense_format): a FusedSequential on NHWC activations starts there without converting
+    its first conv's output."""
+    x = torch.empty(2, 1, 6, 7, memory_format=torch.channels_last).copy_(randn(2, 1, 6, 7))
+    assert x.stride(1) == 1 and x.is_contiguous()
+    y, (gx, _, _) = check_against_oracles(backend, x, randn(5, 1, 3, 3), randn(5), padding=1)
+    want = F.conv2d(x, randn(5, 1, 3, 3), padding=1)
+    assert not want.is_contiguous() and y.stride() == want.stride(), (y.stride(), want.stride())
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    # and a plain contiguous one stays NCHW
+    y2 = conv2d(torch.empty(x.shape).copy_(x), randn(5, 1, 3, 3), padding=1, backend=backend)
+    assert y2.is_contiguous()
+
+
 @pytest.mark.parametrize("backend", backends(("triton", "cpp")))
 def test_conv_same_even_kernel_channels_last(backend):
     # The asymmetric "same" padding is applied in Python before the compiled op: the layout must survive it.

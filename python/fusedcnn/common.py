@@ -25,8 +25,12 @@ from torch import Tensor
 
 # ---------------------------------------------------------------- layout
 def is_channels_last(x: torch.Tensor) -> bool:
-    """True when a 4-D tensor is laid out NHWC (and not also plain contiguous)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """True when a 4-D tensor is laid out NHWC and not also plain contiguous -- or, with one channel (both then),
+    when its strides are NHWC's own (channel stride 1: torch's conv returns NHWC for it). csrc/common.h's
+    dense_format is the same rule."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return not x.is_contiguous() or (x.shape[1] == 1 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1)
 
 
 def dense_format(x: torch.Tensor) -> torch.memory_format:

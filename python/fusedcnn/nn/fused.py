@@ -84,7 +84,7 @@ def _bn_args(bn) -> tuple:
 def _run_conv_bn_relu(mods, x, backend, defer):
     conv, bn, pool = mods[0], mods[1], _is_pool2x2(mods[-1])
     w = conv.weight
-    if backend is None and isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() \
+    if backend is None and isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] > 1 and _is_nhwc(x) \
             and w.is_contiguous() and backends.current_backend() == "auto":
         # "auto" on NHWC activations (the layout decision): an NHWC copy of an NCHW weight (a few KB) spares
         # oneDNN a reorder in each of the conv's three passes (measured: the e2e step 5-10% faster)
@@ -163,15 +163,22 @@ def _global_hooks() -> bool:
                 or g._global_backward_pre_hooks)
 
 
+def _is_nhwc(x: Tensor) -> bool:
+    """x (N, C, H, W) laid out NHWC with the channel stride 1 -- also when C is 1: a contiguous (N, 1, H, W) tensor is
+    channels_last-dense too, but torch's conv returns NCHW for it, and NHWC for the same values strided NHWC."""
+    return x.is_contiguous(memory_format=torch.channels_last) and (x.stride(1) == 1 or x.numel() == 0)
+
+
 class _Relayout(torch.autograd.Function):
-    """x copied into memory_format; its gradient copied back into x's own format. (Tensor.contiguous hands the
+    """x copied into memory_format with that format's own strides (a (N, 1, H, W) input too: Tensor.contiguous
+    would keep its NCHW strides); its gradient copied back into x's own format. (Tensor.contiguous hands the
     gradient back in the format it arrives in: an NHWC gradient reaching an NCHW layer sent torch's ReLU
     backward through its slow mixed-format path, 2.3x its time.)"""
 
     @staticmethod
     def forward(ctx, x, memory_format):
         ctx.source = dense_format(x)
-        return x.contiguous(memory_format=memory_format)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format).copy_(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -242,17 +249,18 @@ class FusedSequential(nn.Sequential):
 
     def _run(self, input, layout: str = "contiguous"):
         """The plan over input (a Tensor, or whatever the first child takes). layout="channels_last" (input NCHW):
-        the activation entering the first conv run with more than one input channel is converted to NHWC, the
-        runs from there on keep it (torch's conv, BatchNorm and pooling kernels on CPU are often faster so, and
-        the conv of a contiguous (N, 1, H, W) input -- NHWC-contiguous too -- would turn it back to NCHW), and
-        the result is returned NCHW, as a plain Sequential gives it."""
+        the activation entering a conv run is converted to NHWC where it is not NHWC already (_is_nhwc) -- the
+        network's input, and after a run whose backend returned NCHW (cpp's conv keeps its 1-channel input's
+        NCHW; torch's returns NHWC for it strided NHWC, which costs a 1-channel copy instead of converting its
+        C-channel output) --, the runs keep it (torch's conv, BatchNorm and pooling kernels on CPU are often
+        faster so), and the result is returned NCHW, as a plain Sequential gives it."""
         plan = self._plan()
         x = input
-        convert = layout == "channels_last"
+        nhwc = layout == "channels_last"
         for i, step in enumerate(plan):
-            if convert and step.pattern is not None and step.pattern.takes_pending and isinstance(x, Tensor) \
-                    and x.dim() == 4 and x.shape[1] > 1:
-                x, convert = _Relayout.apply(x, torch.channels_last), False
+            if nhwc and step.pattern is not None and step.pattern.takes_pending and isinstance(x, Tensor) \
+                    and x.dim() == 4 and not _is_nhwc(x):
+                x = _Relayout.apply(x, torch.channels_last)
             fusable, backend = _run_backend(step.modules) if step.pattern else (False, None)
             if fusable and step.pattern.takes_pending:
                 raw = x.raw if isinstance(x, F_fused.Pending) else x
