@@ -306,6 +306,13 @@ def test_a_fused_run_can_run_each_layer_on_its_own_choice(monkeypatch, winner):
     assert len(autotune.decisions()) == n
 
 
+def test_the_per_layer_candidate_is_measured_for_training_calls_only():
+    x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    FF.conv_bn_relu(x, w, None, torch.zeros(6), torch.ones(6), None, None, True, 0.1, 1e-5, 1, 1)
+    (fused,) = [d for d in autotune.decisions() if d.family == "fused"]
+    assert "per-layer" not in fused.times_ms and "training" in fused.rejected["per-layer"]
+
+
 def test_the_per_layer_candidate_is_not_measured_under_distributed(monkeypatch):
     monkeypatch.setattr(autotune, "_distributed", lambda: True)
     names, rejected = autotune._candidates("fused", torch.randn(2, 3, 4, 4), ("per-layer",))
