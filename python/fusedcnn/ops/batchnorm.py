@@ -195,11 +195,11 @@ def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, T
 
 def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend, group):
     """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
-    count = x.shape[0] * x.shape[2] * x.shape[3]
     if training and group is None and has_op(backend, "batch_norm_train_forward"):
         # One op: statistics, running-stat update and apply; its autograd is C++ (csrc/batchnorm/*_autograd.cpp).
         return op(backend, "batch_norm_train_forward")(x, weight, bias, running_mean, running_var, momentum, eps,
                                                        relu)[0]
+    count = x.shape[0] * x.shape[2] * x.shape[3]
     if training:
         mean, var = op(backend, "batch_norm_stats")(x.detach())
         if group is not None:
