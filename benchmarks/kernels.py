@@ -5,7 +5,8 @@
     python benchmarks/kernels.py --layers conv2d,batch_norm_relu --precisions bfloat16 \
         --layouts channels_last --groups vgg16-b128 --backends triton,cpp --graph
 
-Per case and backend: median time (CUDA events; optionally CUDA graph), achieved TFLOP/s (conv) or
+Per case and backend: time (GPU: median of CUDA events, optionally CUDA graph; CPU: the backends of a case
+timed side by side in interleaved rounds, each its fastest block), achieved TFLOP/s (conv) or
 GB/s (the rest) over the minimum FLOPs/bytes (benchmarks/cases/__init__.py says how they are
 counted), the fraction of the roofline floor max(FLOPs/peak, bytes/bandwidth) built from the
 peaks measured at start, the speedup against torch, and the max relative error against the golden
@@ -294,11 +295,12 @@ def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, 
             return [dict(base, backend=b, status="n/a", reason="out of memory") for b in ["torch", *backends]]
         floor_s = max(base["flops"] / (peaks["matmul_tflops"].get(prec, math.inf) * 1e12),
                       prep.min_bytes / ((peaks["copy_gbps"] or math.inf) * 1e9))
-        torch_ms = torch_graph_ms = None
+        timed = []  # (row, fn) of the backends that ran and are to be timed
         for backend in [None, *backends]:
             if backend == "reference" and not reference_on(case, args):
                 continue
             row = dict(base, backend=backend or "torch", bytes=prep.min_bytes, sets=len(prep.sets))
+            rows.append(row)
             try:
                 if backend == "auto":  # the one-time measurement happens in this first call: report it
                     import fusedcnn
@@ -313,38 +315,58 @@ def run_config(case, prec, layout, mode, graph, backends, timer, peaks, device, 
                     err = prep.check(backend)
                 row["max_rel_err"] = err
                 row["status"] = "ok" if err <= TOLERANCES[prec] else "WRONG"
-                if args.check_only:
-                    rows.append(row)
-                    continue
-                fn = prep.fn(backend)
-                ms = timer.events(fn)
-                row.update(ms=ms, tflops=base["flops"] / (ms * 1e-3) / 1e12,
-                           gbps=prep.min_bytes / (ms * 1e-3) / 1e9, pct_peak=100.0 * floor_s / (ms * 1e-3))
-                if backend is None:
-                    torch_ms = ms
-                elif torch_ms and row["status"] == "ok":
-                    row["speedup"] = torch_ms / ms
+                if not args.check_only:
+                    timed.append((row, prep.fn(backend)))
+            except Exception as e:
+                _failed(row, e, device)
+        # CPU: every backend of the configuration timed side by side (timer.side_by_side: interleaved rounds, so
+        # a burst of other work on a shared machine lands on all of them alike); GPU: one after the other.
+        if timed and device.type != "cuda":
+            try:
+                for (row, _), ms in zip(timed, timer.side_by_side([fn for _, fn in timed])):
+                    row["ms"] = ms
+            except Exception as e:
+                for row, _ in timed:
+                    _failed(row, e, device)
+                timed = []
+        for row, fn in timed:
+            try:
+                if "ms" not in row:
+                    row["ms"] = timer.events(fn)
                 if graph:
                     try:
-                        gms = timer.graph(fn, ms)
-                        row["graph_ms"] = gms
-                        if backend is None:
-                            torch_graph_ms = gms
-                        elif torch_graph_ms and row["status"] == "ok":
-                            row["graph_speedup"] = torch_graph_ms / gms
+                        row["graph_ms"] = timer.graph(fn, row["ms"])
                     except Exception as e:  # capture can fail (host syncs, CPU-side RNG, ...): say so
                         row["graph_reason"] = _reason(e)
                         sync_quietly(device)
-            except NotImplementedError as e:
-                row.update(status="n/a", reason=_reason(e))
-            except torch.cuda.OutOfMemoryError:
-                row.update(status="n/a", reason="out of memory")
             except Exception as e:
-                row.update(status="error", reason=f"{type(e).__name__}: {_reason(e)}")
-                sync_quietly(device)
-            rows.append(row)
+                _failed(row, e, device)
+        torch_row = rows[0] if rows and rows[0]["backend"] == "torch" else {}
+        for row in rows:
+            ms = row.get("ms")
+            if ms is None:
+                continue
+            row.update(tflops=base["flops"] / (ms * 1e-3) / 1e12, gbps=prep.min_bytes / (ms * 1e-3) / 1e9,
+                       pct_peak=100.0 * floor_s / (ms * 1e-3))
+            if row is not torch_row and row.get("status") == "ok":
+                if torch_row.get("ms"):
+                    row["speedup"] = torch_row["ms"] / ms
+                if torch_row.get("graph_ms") and row.get("graph_ms"):
+                    row["graph_speedup"] = torch_row["graph_ms"] / row["graph_ms"]
         del prep
     return rows
+
+
+def _failed(row: dict, e: BaseException, device) -> None:
+    """Mark a row that could not run or be timed: n/a (not implemented, out of memory) or error, with why."""
+    row.pop("ms", None)
+    if isinstance(e, NotImplementedError):
+        row.update(status="n/a", reason=_reason(e))
+    elif isinstance(e, torch.cuda.OutOfMemoryError):
+        row.update(status="n/a", reason="out of memory")
+    else:
+        row.update(status="error", reason=f"{type(e).__name__}: {_reason(e)}")
+        sync_quietly(device)
 
 
 def sync_quietly(device):
@@ -433,8 +455,9 @@ def markdown(header: dict, rows: list[dict], layers: list[dict], totals: list[di
              (f"Measured peaks: matmul {peaks['matmul_n']}^3 {peak_txt}; device copy "
               f"{report.fmt(peaks['copy_gbps'])} GB/s (bytes read + written)." if peaks["copy_gbps"] else
               "Correctness only (--check-only): no timing."), "",
-             "How to read: `ms` median time (CUDA events via triton.testing.do_bench, or "
-             "torch.utils.benchmark on CPU); `graph ms` from CUDA-graph replay; `achieved` over the minimum "
+             "How to read: `ms` time per call (GPU: median of CUDA events via triton.testing.do_bench; CPU: "
+             "the backends of a row group timed side by side in interleaved rounds of ~1 ms blocks, each its "
+             "fastest block); `graph ms` from CUDA-graph replay; `achieved` over the minimum "
              "FLOPs (conv: 2 per multiply-add; fwd+bwd = 3x fwd) or minimum bytes (each input read once, each "
              "output written once; the backward reads grad_out and the saved tensors named in "
              "benchmarks/cases); `%peak` = roofline floor max(FLOPs/matmul peak, bytes/copy bandwidth) over "

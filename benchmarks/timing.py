@@ -4,7 +4,8 @@ GPU: `events` = triton.testing.do_bench, median of repeats, each timed with CUDA
 writes a 256 MB buffer between repeats, so L2 starts cold); `graph` = N calls captured into
 one CUDA graph, median over replays divided by N (removes launch gaps; inputs rotate across
 calls, so caches do not flatter either).
-CPU: torch.utils.benchmark.Timer.blocked_autorange, median over blocks.
+CPU: the backends of one configuration side by side (`side_by_side`: interleaved rounds of ~1 ms blocks, each
+backend's fastest block); `events` alone: torch.utils.benchmark.Timer.blocked_autorange, median over blocks.
 Peaks, measured once at start on the same device: a large matmul per precision (TFLOP/s) and a
 large device copy (GB/s, bytes read + bytes written), on random data.
 """
@@ -47,6 +48,30 @@ class Timer:
         from torch.utils.benchmark import Timer as TorchTimer
         m = TorchTimer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         return m.blocked_autorange(min_run_time=self.cpu_min_run_s).median * 1e3
+
+    def side_by_side(self, fns: list) -> list[float]:
+        """CPU: milliseconds per call of each fn, timed in interleaved rounds -- each round runs a block of calls
+        of every fn in turn -- each keeping its fastest block. On a shared machine other processes only ever add
+        time, and a burst lands on every fn of a round alike instead of on whichever was being timed (the rows of
+        one configuration are compared with each other). ~cpu_min_run_s per fn, at least 5 rounds."""
+        numbers = []
+        for fn in fns:  # a warm-up call, then one timed: calls per block for ~1 ms blocks (at least one call)
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            numbers.append(max(1, min(1000, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))))
+        best = [math.inf] * len(fns)
+        min_rounds = 3 if self.quick else 5
+        deadline = time.perf_counter() + self.cpu_min_run_s * len(fns)
+        rounds = 0
+        while rounds < min_rounds or (time.perf_counter() < deadline and rounds < 1000):
+            for i, (fn, number) in enumerate(zip(fns, numbers)):
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                best[i] = min(best[i], (time.perf_counter() - t0) / number)
+            rounds += 1
+        return [b * 1e3 for b in best]
 
     def _host_median(self, fn) -> float:
         t0 = time.perf_counter()

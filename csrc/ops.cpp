@@ -57,11 +57,14 @@ TORCH_LIBRARY(fusedcnn, m) {
   m.def("dropout(Tensor x, float p, SymInt seed) -> Tensor");
 }
 
-// An importable module with no Python functions: importing fusedcnn._C runs
-// the static registrations above.
+namespace fusedcnn {
+extern PyMethodDef fast_call_methods[];  // csrc/fast_call.cpp
+}
+
+// Importing fusedcnn._C runs the static registrations above; its one Python function is _fast_op.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusedcnn::fast_call_methods};
   return PyModule_Create(&module_def);
 }
 }

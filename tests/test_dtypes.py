@@ -288,8 +288,9 @@ def test_batchnorm_module_empty_batch(backend, momentum, relu):
 
 # ------------------------------------------------------------------------------------------- "auto" and dtypes
 def _fake(device_type: str, dtype: torch.dtype):
-    """What resolve() reads of a tensor: its device and dtype (a CUDA one without a GPU)."""
-    return types.SimpleNamespace(device=torch.device(device_type), dtype=dtype)
+    """What resolve() reads of a tensor: its device (and is_cpu / is_cuda) and dtype (a CUDA one without a GPU)."""
+    return types.SimpleNamespace(device=torch.device(device_type), is_cpu=device_type == "cpu",
+                                 is_cuda=device_type == "cuda", dtype=dtype)
 
 
 def test_auto_skips_a_backend_without_the_dtype(monkeypatch):

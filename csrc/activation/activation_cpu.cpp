@@ -1,11 +1,33 @@
 // ReLU on CPU tensors: out = x > 0 ? x : 0 (NaN propagates); grad = grad_out * (out > 0).
 #include "common.h"
+#include "cpu_vec.h"
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 
 namespace fusedcnn {
 namespace {
+
+// The loops, compiled per ISA (FUSEDCNN_CPU_CLONES: AVX-512 / AVX2 / baseline, picked at load time): the baseline
+// build vectorizes them with SSE only, ~0.7x torch's AVX-512 relu on a 256 KB tensor.
+template <typename scalar_t>
+FUSEDCNN_CPU_CLONES void relu_loop(const scalar_t* in, scalar_t* o, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = in[i];
+    o[i] = (v <= scalar_t(0)) ? scalar_t(0) : v;  // NaN <= 0 is false: NaN kept
+  }
+}
+
+// Both loads unconditional: `yp[i] > 0 ? gp[i] : 0` loads gp[i] only on one branch, which the compiler may not
+// hoist, so it emitted a branch per element (mispredicted half the time on random signs: 7 ns an element);
+// loaded first, the select vectorizes.
+template <typename scalar_t>
+FUSEDCNN_CPU_CLONES void relu_backward_loop(const scalar_t* gp, const scalar_t* yp, scalar_t* dp, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t gv = gp[i], yv = yp[i];
+    dp[i] = yv > scalar_t(0) ? gv : scalar_t(0);
+  }
+}
 
 at::Tensor relu_cpu(const at::Tensor& x) {
   FUSEDCNN_CHECK_DEVICE(x, at::kCPU);
@@ -17,12 +39,7 @@ at::Tensor relu_cpu(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "relu_cpu", [&] {
     const scalar_t* in = xc.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t v = in[i];
-        o[i] = (v <= scalar_t(0)) ? scalar_t(0) : v;  // NaN <= 0 is false: NaN kept
-      }
-    });
+    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) { relu_loop(in + begin, o + begin, end - begin); });
   });
   return out;
 }
@@ -44,13 +61,7 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out) 
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* dp = grad_in.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-      // Both loads unconditional: `yp[i] > 0 ? gp[i] : 0` loads gp[i] only on one branch, which the compiler
-      // may not hoist, so it emitted a branch per element (mispredicted half the time on random signs: 7 ns
-      // an element); loaded first, the select vectorizes.
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t gv = gp[i], yv = yp[i];
-        dp[i] = yv > scalar_t(0) ? gv : scalar_t(0);
-      }
+      relu_backward_loop(gp + begin, yp + begin, dp + begin, end - begin);
     });
   });
   return grad_in;

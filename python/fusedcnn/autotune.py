@@ -131,8 +131,8 @@ def _parts(values) -> Optional[list]:
         elif isinstance(a, Tensor):
             if a.dim() == 1:
                 parts.append((a.dtype, _VECTOR, a.requires_grad))
-            else:
-                parts.append((a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
+            else:  # a CPU tensor's device as "cpu" (prints the same): x.device builds a torch.device, ~0.3 us
+                parts.append((a.dtype, "cpu" if a.is_cpu else a.device, a.shape, a.stride(), a.requires_grad))
         elif (kind is tuple or kind is list) and _PLAIN.issuperset(map(type, a)):
             parts.append(tuple(a))
         elif kind is tuple or kind is list:  # BatchNorm's (running_mean, ..., eps) bundle

@@ -180,6 +180,11 @@ def current_backend() -> str:
     return "auto"
 
 
+def device_type_of(x: torch.Tensor) -> str:
+    """x.device.type, in ~0.1 us instead of ~0.4 (x.device builds a torch.device object) for CPU and CUDA."""
+    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+
+
 def choose(requested: str | None, x: torch.Tensor, family: str) -> str | None:
     """The backend named for layer family `family` on tensor x, or None for "auto" (fusedcnn.autotune measures;
     static_choice is its fallback). `requested` is the layer's own choice: None or "auto" defer to the context.
@@ -189,7 +194,7 @@ def choose(requested: str | None, x: torch.Tensor, family: str) -> str | None:
     name = requested if requested not in (None, "auto") else current_backend()
     if name == "auto":
         return None
-    device_type = x.device.type
+    device_type = device_type_of(x)
     why = unavailable_reason(name, device_type)
     if why is not None:
         raise RuntimeError(f"fusedcnn: backend '{name}' cannot run {family} on {device_type} tensors: {why}")

@@ -289,10 +289,15 @@ def fx_traceable(fn):
 
 def _fx_proxy(args: tuple, kwargs: dict):
     """The first torch.fx.Proxy among a call's arguments (the caller is being symbolically traced), or None."""
-    for a in args:
-        if isinstance(a, torch.fx.Proxy):
-            return a
+    if _has_torch_function(args):  # one C call (~0.1 us) for the usual case: a Proxy overrides __torch_function__
+        for a in args:
+            if isinstance(a, _Proxy):
+                return a
     for a in kwargs.values():
-        if isinstance(a, torch.fx.Proxy):
+        if isinstance(a, _Proxy):
             return a
     return None
+
+
+_Proxy = torch.fx.Proxy
+_has_torch_function = torch._C._has_torch_function

@@ -17,4 +17,4 @@ class ReLU(torch.nn.ReLU):
         self.backend = check_backend_arg(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return relu(input, inplace=self.inplace, backend=self.backend)
+        return relu(input, self.inplace, backend=self.backend)

@@ -15,8 +15,8 @@ class MaxPool2d(torch.nn.MaxPool2d):
         self.backend = check_backend_arg(backend)
 
     def forward(self, input):
-        return P.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                            ceil_mode=self.ceil_mode, return_indices=self.return_indices, backend=self.backend)
+        return P.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                            self.return_indices, backend=self.backend)
 
 
 class AvgPool2d(torch.nn.AvgPool2d):

@@ -28,6 +28,7 @@ Forward-mode AD and the torch.func transforms (vmap, grad, jvp, jacfwd, ...): `d
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 from typing import Callable
 
@@ -66,6 +67,35 @@ def op(backend: str, name: str):
     """The torch.ops op (OpOverload) implementing `name` in `backend` ("triton" or "cpp")."""
     qualified = name if backend == "cpp" else f"triton_{name}"
     return getattr(torch.ops.fusedcnn, qualified).default
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def eager_op(backend: str, name: str) -> Callable:
+    """What a layer calls to run op `name` of compiled backend `backend`: op(backend, name), and for cpp, in eager
+    mode, fusedcnn._C._fast_op's call of the same op (csrc/fast_call.cpp: the same kernels through the same
+    dispatcher, without torch.ops' generic argument conversion, ~4 us a call with four int lists). While
+    torch.compile traces, the OpOverload (Dynamo cannot trace into a C function)."""
+    if _compiling():
+        return op(backend, name)
+    return _eager_op(backend, name)
+
+
+@functools.cache
+def _eager_op(backend: str, name: str) -> Callable:
+    overload = op(backend, name)
+    fast = getattr(importlib.import_module("fusedcnn._C"), "_fast_op", None) if backend == "cpp" else None
+    if fast is None:  # triton, or a fusedcnn._C built before _fast_op
+        return overload
+    fast = fast(f"fusedcnn::{name}", overload)
+
+    def call(*args):
+        if _compiling():
+            return overload(*args)
+        return fast(*args)
+    call.__name__ = name
+    return call
 
 
 def _triton_body(name: str, module: str) -> Callable:
@@ -147,8 +177,8 @@ def _arguments(schema: torch._C.FunctionSchema) -> list[tuple[str, str]]:
 
 
 class CompiledOps:
-    """A compiled backend's ops as attributes: CompiledOps("cpp").max_pool2d is torch.ops.fusedcnn.max_pool2d.
-    The first lookup of a name stores the op on the instance, so later ones are plain attribute reads."""
+    """A compiled backend's ops as attributes: CompiledOps("cpp").max_pool2d calls torch.ops.fusedcnn.max_pool2d
+    (eager_op). The first lookup of a name stores the op on the instance, so later ones are plain attribute reads."""
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -156,9 +186,11 @@ class CompiledOps:
     def __getattr__(self, name: str):
         if name.startswith("__") or not has_op(self.backend, name):
             raise AttributeError(name)
-        overload = op(self.backend, name)
-        setattr(self, name, overload)
-        return overload
+        if _compiling():  # traced: the OpOverload, not kept (eager calls keep eager_op's)
+            return op(self.backend, name)
+        call = eager_op(self.backend, name)
+        setattr(self, name, call)
+        return call
 
 
 # ---------------------------------------------------------------- implementation tables and dispatch
@@ -197,6 +229,7 @@ class _Measured:
         if method.startswith("__"):
             raise AttributeError(method)
         family, table, random, extra = self.family, self.table, method in self.random, self.extra
+        backends_table = table.maps[0]  # the family's own table: a dict lookup, where the ChainMap's costs ~0.3 us
 
         def call(*args, **kwargs):
             x = args[0]
@@ -207,7 +240,8 @@ class _Measured:
                 name = backends.static_choice(family, x)
             else:
                 name = autotune.decide(family, method, table, args, kwargs, x, key, random, extra=extra)
-            return getattr(table[name], method)(*args, **kwargs)
+            impl = backends_table.get(name)
+            return getattr(table[name] if impl is None else impl, method)(*args, **kwargs)
 
         call.__name__ = method
         setattr(self, method, call)  # later lookups skip __getattr__

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusedcnn import reference
-from fusedcnn.ops._registry import define, dispatch, has_op, implement, op, register
+from fusedcnn.ops._registry import define, dispatch, eager_op, has_op, implement, op, register
 from fusedcnn.common import accumulation_dtype, entry_point
 from fusedcnn.reference.batchnorm import update_running_stats
 from fusedcnn.common import dense_format
@@ -149,7 +149,7 @@ class _BatchNormApply(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.count, ctx.training, ctx.relu, ctx.backend, ctx.group = count, training, relu, backend, group
         ctx.eps = eps
-        return op(backend, "batch_norm_apply")(x, mean, invstd, weight, bias, relu)
+        return eager_op(backend, "batch_norm_apply")(x, mean, invstd, weight, bias, relu)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -197,11 +197,11 @@ def _compiled_batch_norm(x, running_mean, running_var, weight, bias, training, m
     """x: (N, C, H, W). The training forward's three steps (stats, running update, apply) around _BatchNormApply."""
     if training and group is None and has_op(backend, "batch_norm_train_forward"):
         # One op: statistics, running-stat update and apply; its autograd is C++ (csrc/batchnorm/*_autograd.cpp).
-        return op(backend, "batch_norm_train_forward")(x, weight, bias, running_mean, running_var, momentum, eps,
-                                                       relu)[0]
+        return eager_op(backend, "batch_norm_train_forward")(x, weight, bias, running_mean, running_var, momentum,
+                                                             eps, relu)[0]
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if training:
-        mean, var = op(backend, "batch_norm_stats")(x.detach())
+        mean, var = eager_op(backend, "batch_norm_stats")(x.detach())
         if group is not None:
             mean, var, count = _sync_stats(mean, var, count, group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)

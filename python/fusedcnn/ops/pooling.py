@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fusedcnn import reference
 from fusedcnn.common import adaptive_geometry, dense_format, entry_point, pooled_size, regular_geometry
-from fusedcnn.ops._registry import CompiledOps, define, dispatch, implement, op, register
+from fusedcnn.ops._registry import CompiledOps, define, dispatch, eager_op, implement, op, register
 
 FAMILY = "pooling"
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"]  # the public functionals (fusedcnn.functional)
@@ -215,13 +215,13 @@ class _CppOps(CompiledOps):
         return OH > 0 and OW > 0 and (-(-H // OH) + 1) * (-(-W // OW) + 1) > self._MAX_TAPS
 
     def adaptive_avg_pool2d(self, x: Tensor, output_size) -> Tensor:
-        pool = op("cpp", "adaptive_avg_pool2d")
+        pool = eager_op("cpp", "adaptive_avg_pool2d")
         if not self._large(x, output_size):
             return pool(x, output_size)
         return pool(pool(x, [x.shape[2], output_size[1]]), output_size)
 
     def adaptive_max_pool2d(self, x: Tensor, output_size):
-        pool = op("cpp", "adaptive_max_pool2d")
+        pool = eager_op("cpp", "adaptive_max_pool2d")
         if not self._large(x, output_size):
             return pool(x, output_size)
         N, C = x.shape[:2]
@@ -290,6 +290,8 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     _check_input(input, "max_pool2d")
     impl = dispatch(FAMILY, backend, input)
     k, s, p, d = _geometry("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
+    if input.dim() == 4:  # the common case without _run_batched's closure (~0.5 us of a ~5 us call)
+        return _out(impl.max_pool2d(input, k, s, p, d, ceil_mode, return_indices), return_indices)
     return _run_batched(lambda x: _out(impl.max_pool2d(x, k, s, p, d, ceil_mode, return_indices), return_indices),
                         input)
 
