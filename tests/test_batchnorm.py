@@ -84,6 +84,26 @@ def test_train_step_matches_torch_and_reference(backend, dtype, channels_last, r
         assert_close(getattr(ours, name).double(), getattr(theirs64[0], name).double(), torch.float32, msg=name)
 
 
+# The cpp NHWC kernels handle rows of C channels in tiles of C * ceil(64 / C) values, the rows left over in a
+# shorter run: channel counts that divide 64 or not, row counts that fill whole tiles or not.
+@pytest.mark.parametrize("c,shape", [(1, (3, 5, 7)), (5, (3, 5, 7)), (8, (2, 4, 4)), (8, (3, 5, 7)),
+                                     (24, (3, 5, 7)), (64, (2, 3, 3)), (100, (3, 5, 7)), (8, (4, 30, 41))],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"c{v}")
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bnrelu"])
+def test_cpp_nhwc_tiles_match_torch(c, shape, relu):
+    pytest.importorskip("fusedcnn._C")
+    n, h, w = shape
+    ours, theirs = make_pair(relu, "cpp", c=c)
+    x = randn(n, c, h, w, channels_last=True) * 2 + 0.5
+    grad = randn(n, c, h, w, channels_last=True)
+    got = run(ours, x, grad)
+    assert_all_close(got, run(copy.deepcopy(theirs).double(), x.double(), grad.double()), torch.float32)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    # one step from running_var = 1, momentum 0.1: 0.9 + 0.1 * the batch's unbiased variance
+    want_var = 0.9 + 0.1 * x.double().transpose(0, 1).reshape(c, -1).var(dim=1, unbiased=True)
+    assert_close(ours.running_var.double(), want_var, torch.float32, msg="running_var")
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bnrelu"])

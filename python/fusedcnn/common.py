@@ -241,7 +241,7 @@ def entry_point(*lower_precision: str):
             if proxy is not None:
                 return proxy.tracer.create_proxy("call_function", entry, args, kwargs)
             # one flag read (~0.1 us) before autocast_device (~1.5 us): autocast is off in most calls
-            if not torch._C._is_any_autocast_enabled():
+            if not _any_autocast_enabled():
                 return fn(*args, **kwargs)
             device_type = autocast_device(*args, *kwargs.values())
             if device_type is None:
@@ -300,4 +300,5 @@ def _fx_proxy(args: tuple, kwargs: dict):
 
 
 _Proxy = torch.fx.Proxy
+_any_autocast_enabled = torch._C._is_any_autocast_enabled  # one global read in entry_point, not three lookups
 _has_torch_function = torch._C._has_torch_function
