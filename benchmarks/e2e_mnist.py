@@ -13,14 +13,23 @@ process with --isolate), test accuracy per seed with mean and standard deviation
 eager paired by seed with its 95% interval and a verdict (equivalent / different / inconclusive against a
 margin of +-1.0 point on the 5,000-digit sample, +-0.2 on full MNIST / Fashion-MNIST), the loss curves.
 A run whose backend cannot serve a layer yet shows as "n/a (reason)" and the others go on.
+
+Speed, side by side: the training runs go one after another, minutes apart, and a shared machine's speed drifts
+by more than the backends differ (20% over a run, seen here). After them, every run's training step is timed
+again in this one process, in turn, round after round (--speed-rounds; benchmarks/step_time.py's method): the
+same model, optimizer and schedule as its training (fusedcnn.train.Trainer, the first seed), the same batches,
+after untimed warm-up steps (compilation, auto's measuring). Its table gives each run's median step and its
+speed against torch eager's and torch.compile's: the comparison the machine's drift cannot move.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +54,7 @@ PRESETS = {
     # verdict margin +-0.2 points.
     "gpu": {"config": dict(dataset="mnist", resolution=224, width=1.0, head="classic", batch_size=128, amp="bf16",
                            channels_last=True, epochs=2, warmup_steps=10),
-            "seeds": 3,
+            "seeds": 3, "speed_rounds": 20,
             "skip": {"reference": "the first-principles oracle: unfold buffers of several GB per layer at 224x224, "
                                   "batch 128; run it with --runs reference"},
             "isolate": True},
@@ -62,12 +71,12 @@ PRESETS = {
             # job fits its 12 minutes; what the budget cuts is listed
             "seed_caps": {"torch.compile": (1, "compilation takes longer than the training, per seed"),
                           "reference": (1, "the first-principles oracle takes ~3x torch's time per seed")},
-            "time_budget": 690, "skip": {}, "isolate": True, "run_timeout": 480},
+            "time_budget": 690, "skip": {}, "isolate": True, "run_timeout": 480, "speed_rounds": 40},
     # CI smoke: seconds
     "tiny": {"config": dict(dataset="mnist", resolution=32, width=1 / 32, head="avgpool", batch_size=8, amp="none",
                             channels_last=False, steps=6, warmup_steps=2, train_samples=64, eval_batch_size=256,
                             threads=1),
-             "seeds": 1,
+             "seeds": 1, "speed_rounds": 2, "speed_warmup": 1,
              "skip": {"torch.compile": "skipped in the tiny preset (compilation alone takes longer than the run); "
                                        "ask for it with --runs torch.compile"}, "isolate": False},
 }
@@ -108,8 +117,11 @@ def parse_args(argv):
     p.add_argument("--run-timeout", type=float, default=None,
                    help="seconds per isolated run before it is stopped (default: the preset's, if any)")
     p.add_argument("--time-budget", type=float,
-                   help="seconds for all runs: a run not started by then is skipped, and an isolated run is "
-                        "stopped when the budget ends (the fusedcnn backends go before torch.compile)")
+                   help="seconds for all training runs: a run not started by then is skipped, and an isolated run "
+                        "is stopped when the budget ends (the fusedcnn backends go before torch.compile); the "
+                        "side-by-side timing after them is not counted")
+    p.add_argument("--speed-rounds", type=int, help="rounds of the side-by-side step timing after the training runs "
+                                                    "(0: none; default: the preset's: cpu 40, gpu 20, tiny 2)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device-tag>/)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -117,6 +129,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.speed_rounds is not None and args.speed_rounds < 0:
+        p.error(f"--speed-rounds must be 0 or more, got {args.speed_rounds}")
     known = [*BASELINES, *FUSED, *VARIANTS]
     bad = [r for r in args.runs or [] if r not in known]
     if bad:
@@ -244,6 +258,69 @@ def summarize(name: str, m: dict) -> dict:
             "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_loss": m.get("test_loss"),
             "final_loss": (sum(curve[-10:]) / len(curve[-10:])) if curve else None,
             "loss_curve": curve, "dataset": m.get("dataset")}
+
+
+# ---------------------------------------------------------------- speed, side by side
+SPEED_BATCHES = 8  # the side-by-side steps cycle through this many batches of the first seed's first epoch
+
+
+def side_by_side(runs: list[str], common: dict, compile_mode: str | None, rounds: int, warmup: int,
+                 progress: bool) -> dict:
+    """Each run's training step timed in turn with the others', in this process (step_time.interleave).
+
+    The step is Trainer.train_step (forward under the run's autocast, loss, backward, optimizer and schedule
+    step) of a Trainer built as the run's training was (its first seed); every run takes the same batch in a
+    round (their preparation, the same for every run, is left out). Returns {"rounds", "warmup", "batch_size",
+    "runs": {run: {"status": "ok", "median_ms", "fastest_ms", "images_per_s"} or {"status", "reason"}}}."""
+    from fusedcnn.data import plan_epoch
+    from fusedcnn.train import Trainer, _sync
+    from tqdm import tqdm
+
+    from benchmarks.step_time import interleave
+    out: dict[str, dict] = {}
+    steps, first = {}, None
+    for name in tqdm(runs, desc="side by side: build + warm-up", leave=False, disable=not progress):
+        try:
+            trainer = Trainer(train_config(name, {**common, "progress": False}, compile_mode))
+            if first is None:  # the batches every run takes: the first seed's first epoch, as its training
+                first = trainer
+                cfg = trainer.cfg
+                plan = plan_epoch(len(trainer.train_y), cfg.batch_size, cfg.seed, 0, len(trainer.resolutions),
+                                  cfg.augment, trainer.device)
+                batches = [trainer.batch(plan, i) for i in range(min(plan.steps, SPEED_BATCHES))]
+                # OneCycleLR refuses a step past its total: warm-up and rounds stay within the run's steps
+                rounds = max(0, min(rounds, trainer.total_steps - warmup))
+            trainer.net.train()
+            for i in range(warmup):
+                trainer.train_step(*batches[i % len(batches)])
+            steps[name] = _stepper(trainer, batches)
+        except KeyboardInterrupt:
+            raise
+        except NotImplementedError as e:
+            out[name] = {"status": "n/a", "reason": _first_line(e)}
+        except Exception as e:
+            out[name] = {"status": "error", "reason": f"{type(e).__name__}: {_first_line(e)}"}
+    device = first.device if first is not None else torch.device("cpu")
+    times = interleave(steps, rounds, sync=lambda: _sync(device), progress=progress) if steps and rounds else {}
+    batch_size = first.cfg.batch_size if first is not None else common["batch_size"]
+    for name in runs:
+        ts = times.get(name)
+        if name in out:
+            continue
+        if not ts:
+            out[name] = {"status": "skipped", "reason": "no round timed"}
+            continue
+        median = statistics.median(ts)
+        out[name] = {"status": "ok", "median_ms": median * 1e3, "fastest_ms": min(ts) * 1e3,
+                     "images_per_s": batch_size / median, "rounds": len(ts)}
+    return {"rounds": max((len(t) for t in times.values()), default=0), "warmup": warmup, "batch_size": batch_size,
+            "runs": {name: out[name] for name in runs}}
+
+
+def _stepper(trainer, batches: list):
+    """trainer.train_step on the next of `batches` (cycling) each call."""
+    batch = itertools.cycle(batches)
+    return lambda: trainer.train_step(*next(batch))
 
 
 # ---------------------------------------------------------------- statistics over seeds
@@ -399,7 +476,33 @@ def markdown(header: dict, rows: list[dict], notes: list[str]) -> str:
     parts += ["", report.md_table(["run", "seeds", "test acc %", "per seed", "Δ vs torch [95% CI]", "verdict",
                                    "img/s", "vs torch", "epoch s", "1st epoch s", "peak MB", "loss", "auto chose",
                                    "status"], table), ""]
+    if header.get("side_by_side"):
+        parts += speed_markdown(header["side_by_side"])
     return "\n".join(parts)
+
+
+def speed_markdown(speed: dict) -> list[str]:
+    """The side-by-side table: each run's median and fastest training step, img/s, and speed against torch eager
+    and torch.compile (their median step / this run's)."""
+    runs = speed["runs"]
+    base = {ref: runs[ref]["median_ms"] for ref in ("torch", "torch.compile") if runs.get(ref, {}).get("median_ms")}
+    table = []
+    for name, r in runs.items():
+        if r["status"] != "ok":
+            table.append([name, "", "", "", "", "", f"{r['status']} ({r.get('reason', '')})"])
+            continue
+        table.append([name, report.fmt(r["median_ms"]), report.fmt(r["fastest_ms"]), report.fmt(r["images_per_s"]),
+                      *(report.fmt(base[ref] / r["median_ms"]) if ref in base else "" for ref in ("torch",
+                                                                                               "torch.compile")),
+                      "ok"])
+    return ["**Speed, side by side.** The runs above trained one after another, minutes apart, on a machine whose "
+            "speed can drift by more than the backends differ; here each run's training step (its first seed's "
+            f"model, optimizer and schedule; batch {speed['batch_size']}; the same batches for every run) was timed "
+            f"in turn with the others', in one process: {speed['rounds']} rounds after {speed['warmup']} untimed "
+            "warm-up steps each (compilation, auto's measuring). `vs torch`, `vs torch.compile`: their median step "
+            "/ this run's.", "",
+            report.md_table(["run", "step ms (median)", "fastest", "img/s", "vs torch", "vs torch.compile",
+                             "status"], table), ""]
 
 
 def _auto_text(summary: dict | None) -> str:
@@ -560,6 +663,20 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, old_term)
     if over_budget:
         notes.append(f"time budget of {budget:.0f} s reached: not run: {', '.join(over_budget)}")
+    speed_rounds = args.speed_rounds if args.speed_rounds is not None else preset.get("speed_rounds", 0)
+    timed = [r for r in runs if any(p["status"] == "ok" for p in per_seed[r])]
+    if speed_rounds and timed and not interrupted:
+        say(f"--- speed, side by side: {', '.join(timed)}, {speed_rounds} rounds")
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            writer.header["side_by_side"] = side_by_side(timed, common, args.compile_mode, speed_rounds,
+                                                         preset.get("speed_warmup", 5), common["progress"])
+        except KeyboardInterrupt:
+            interrupted = True
+            notes.append("interrupted in the side-by-side timing before its first round: no side-by-side table")
+            print("\ninterrupted: writing the results measured so far", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
     baseline = {p["seed"]: p["test_acc"] for p in per_seed.get("torch", [])
                 if p["status"] == "ok" and p.get("test_acc") is not None}
     if "torch" not in runs:

