@@ -134,6 +134,34 @@ def test_cpp_cpu_dtypes():
     _compare(_avg_layer(AVG_CASES[2][0]), x16, "cpp", torch.float16)
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fusedcnn._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_cpp_max2x2_nchw_rows_match_torch(dtype):
+    """The cpp 2x2/s2 max pool on dense NCHW (one flat loop over rows of windows; 1 and 2 windows a row compiled
+    apart): values, indices and gradients equal torch's exactly, on ties (small integers, zeros as after a
+    ReLU), NaN (the last NaN of a window wins) and -inf, for plane widths of 1, 2, 3, 4 and 16 windows."""
+    gen = torch.Generator().manual_seed(7)
+    for h, w in [(2, 2), (4, 4), (6, 6), (2, 8), (8, 4), (32, 32)]:
+        x = torch.randint(-2, 3, (3, 5, h, w), generator=gen).to(dtype).clamp_min(0)
+        x.view(-1)[torch.randperm(x.numel(), generator=gen)[: x.numel() // 16]] = float("nan")
+        x.view(-1)[torch.randperm(x.numel(), generator=gen)[: x.numel() // 16]] = float("-inf")
+        grad = torch.randn(3, 5, h // 2, w // 2, generator=gen).to(dtype)
+        results = []
+        for call in (lambda t: F.max_pool2d(t, 2, return_indices=True),
+                     lambda t: fusedcnn.functional.max_pool2d(t, 2, return_indices=True, backend="cpp"),
+                     lambda t: fusedcnn.functional.max_pool2d(t, 2, backend="cpp")):  # no indices asked for
+            leaf = x.clone().requires_grad_()
+            res = call(leaf)
+            out, idx = res if isinstance(res, tuple) else (res, None)
+            (gx,) = torch.autograd.grad(out, leaf, grad)
+            results.append((out, idx, gx))
+        (out, idx, gx), *cpp = results
+        for got_out, got_idx, got_gx in cpp:
+            torch.testing.assert_close(got_out, out, rtol=0, atol=0, equal_nan=True, msg=f"{h}x{w} values")
+            assert got_idx is None or torch.equal(got_idx, idx), f"{h}x{w} indices"
+            assert torch.equal(got_gx, gx), f"{h}x{w} gradient"
+
+
 # ---------------------------------------------------------------- NaN, unbatched input, global pooling of big planes
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates(backend):

@@ -8,6 +8,8 @@
 //           function cloned per ISA (as the tiled NHWC backward's rows: in the baseline-ISA lambda they
 //           ran at 0.8x torch on the small group's pools, cloned 1.1-1.7x); other windows one task per
 //           output position.
+// Max 2x2/s2 on dense NCHW with even H and W (VGG's pools, torch's default layout): neither of the above, but
+//           one flat loop over all N*C*OH rows of windows, forward and backward (max2x2_*_rows below).
 // Backward, tiled windows (kernel == stride, no padding or dilation, every window inside the input: VGG's
 //           2x2/s2): each input position belongs to at most one window, so grad_in is written once, in one
 //           pass — max: the gradient at the argmax (recomputed from x), 0 at the window's other taps; average:
@@ -28,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <limits>
 #include <vector>
@@ -503,6 +506,102 @@ void backward_tiled_nhwc(const at::Tensor& g, const at::Tensor& x, const Args& a
   });
 }
 
+// ------------------------------------------------------------------ 2x2/s2 max windows on dense NCHW
+// VGG's max pools: kernel 2, stride 2, no padding or dilation, H = 2*OH and W = 2*OW, every tensor dense NCHW.
+// The input is then N*C*OH rows of windows -- two input rows of W values over one output row of OW -- laid end
+// to end, so one flat loop runs over all of them whatever the plane size (the per-plane tiled loops above spent
+// ~30 ns a plane on VGG's 4x4 and 2x2 planes, and their backward's runtime-tap writes ran at 5-10x torch's).
+// A window's four taps a b / c d are compared in scan order, branch-free (PyTorch's rule: the first maximum,
+// any NaN wins, the last one): take_b, take_c, take_d say whether that tap replaces the running max.
+inline bool max2x2_nchw(const Args& a, std::initializer_list<const at::Tensor*> ts) {
+  if (a.kind != Kind::Max || !tiled(a) || a.h.taps != 2 || a.w.taps != 2 || a.h.in != 2 * a.h.out ||
+      a.w.in != 2 * a.w.out)
+    return false;
+  for (const at::Tensor* t : ts)
+    if (!t->is_contiguous()) return false;
+  return true;
+}
+
+// One window a b / c d: whether b, c, d each replaced the running max (scan order), and the max. Bitwise
+// (`|`, pick) so that neither the vectorized nor the scalar loop branches on the data.
+template <typename acc_t>
+struct Max2x2 {
+  bool take_b, take_c, take_d;
+  acc_t max;
+  Max2x2(acc_t a, acc_t b, acc_t c, acc_t d) {
+    take_b = (b > a) | (b != b);
+    const acc_t m1 = pick(take_b, b, a);
+    take_c = (c > m1) | (c != c);
+    const acc_t m2 = pick(take_c, c, m1);
+    take_d = (d > m2) | (d != d);
+    max = pick(take_d, d, m2);
+  }
+};
+
+// Rows [begin, end) of windows: y (and, if I, the flat index h*W + w of the argmax) from x. OWc: OW as a
+// compile-time constant (1, 2), so that the loop over rows vectorizes (a row of 1 or 2 windows is too short
+// to); 0: OW at run time, the loop over the row's windows vectorizes. Built for the baseline ISA only (4
+// lanes): AVX2/AVX-512 clones left rows of 4-8 windows to their scalar epilogue, 2-6x slower.
+template <typename scalar_t, int OWc>
+void max2x2_forward_rows(const scalar_t* X, scalar_t* Y, int64_t* I, int64_t OH, int64_t ow_run, int64_t begin,
+                         int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t OW = OWc ? OWc : ow_run, W = 2 * OW;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ x0 = X + r * 2 * W;
+    const scalar_t* __restrict__ x1 = x0 + W;
+    scalar_t* __restrict__ y = Y + r * OW;
+    for (int64_t ow = 0; ow < OW; ++ow)
+      y[ow] = narrow<scalar_t>(Max2x2<acc_t>(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]).max);
+  }
+  if (!I) return;
+  // the indices in a pass of their own (the rows are in cache): a test inside the loop above kept it scalar
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ x0 = X + r * 2 * W;
+    const scalar_t* __restrict__ x1 = x0 + W;
+    int64_t* __restrict__ ir = I + r * OW;
+    const int64_t top = (r % OH) * 2 * W;  // flat index of the window row's first input element
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const Max2x2<acc_t> m(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]);
+      ir[ow] = top + (m.take_c | m.take_d) * W + 2 * ow + (m.take_d | (m.take_b & !m.take_c));
+    }
+  }
+}
+
+// Rows [begin, end) of windows: grad_in = grad_out at each window's argmax (recomputed from x), 0 elsewhere.
+template <typename scalar_t, int OWc>
+void max2x2_backward_rows(const scalar_t* X, const scalar_t* G, scalar_t* D, int64_t ow_run, int64_t begin,
+                          int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t OW = OWc ? OWc : ow_run, W = 2 * OW;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ x0 = X + r * 2 * W;
+    const scalar_t* __restrict__ x1 = x0 + W;
+    const scalar_t* __restrict__ g = G + r * OW;
+    scalar_t* __restrict__ d0 = D + r * 2 * W;
+    scalar_t* __restrict__ d1 = d0 + W;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const Max2x2<acc_t> m(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]);
+      const scalar_t gv = g[ow];
+      d0[2 * ow] = keep_or_zero(!(m.take_b | m.take_c | m.take_d), gv);
+      d0[2 * ow + 1] = keep_or_zero(m.take_b & !(m.take_c | m.take_d), gv);
+      d1[2 * ow] = keep_or_zero(m.take_c & !m.take_d, gv);
+      d1[2 * ow + 1] = keep_or_zero(m.take_d, gv);
+    }
+  }
+}
+
+// fn.template operator()<OWc>(): the row function for this OW (1, 2: compile-time; else run time).
+template <typename Fn>
+void with_ow(int64_t OW, const Fn& fn) {
+  if (OW == 1) fn.template operator()<1>();
+  else if (OW == 2) fn.template operator()<2>();
+  else fn.template operator()<0>();
+}
+
+// Rows per parallel_for task: ~16K input values (a task per row of a 2x2 plane would cost more than its work).
+inline int64_t max2x2_grain(const Args& a) { return std::max<int64_t>(1, 16384 / (4 * a.w.out)); }
+
 struct CpuImpl {
   static constexpr c10::DeviceType device = c10::DeviceType::CPU;
 
@@ -516,7 +615,16 @@ struct CpuImpl {
     // NHWC when the channels are the innermost dense dimension (and there is more than one).
     const bool nhwc = x.size(1) > 1 && x.stride(1) == 1 && out.stride(1) == 1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool2d_forward_cpu", [&] {
-      if (nhwc && tiled(a)) forward_tiled_nhwc<scalar_t>(x, a, out, idx);
+      if (!nhwc && max2x2_nchw(a, {&x, &out}) && (!idx || idx->is_contiguous())) {
+        const scalar_t* X = x.const_data_ptr<scalar_t>();
+        scalar_t* Y = out.mutable_data_ptr<scalar_t>();
+        int64_t* I = idx ? idx->mutable_data_ptr<int64_t>() : nullptr;
+        with_ow(a.w.out, [&]<int OWc>() {
+          at::parallel_for(0, x.size(0) * x.size(1) * a.h.out, max2x2_grain(a), [&](int64_t begin, int64_t end) {
+            max2x2_forward_rows<scalar_t, OWc>(X, Y, I, a.h.out, a.w.out, begin, end);
+          });
+        });
+      } else if (nhwc && tiled(a)) forward_tiled_nhwc<scalar_t>(x, a, out, idx);
       else if (nhwc) forward_nhwc<scalar_t>(x, a, out, idx);
       else if (tiled(a)) forward_tiled_nchw<scalar_t>(x, a, out, idx);
       else forward_nchw<scalar_t>(x, a, out, idx);
@@ -527,6 +635,17 @@ struct CpuImpl {
                        at::Tensor& grad_in) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "pool2d_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if (x.defined() && max2x2_nchw(a, {&g, &x, &grad_in})) {
+        const scalar_t* X = x.const_data_ptr<scalar_t>();
+        const scalar_t* G = g.const_data_ptr<scalar_t>();
+        scalar_t* D = grad_in.mutable_data_ptr<scalar_t>();
+        with_ow(a.w.out, [&]<int OWc>() {
+          at::parallel_for(0, g.size(0) * g.size(1) * a.h.out, max2x2_grain(a), [&](int64_t begin, int64_t end) {
+            max2x2_backward_rows<scalar_t, OWc>(X, G, D, a.w.out, begin, end);
+          });
+        });
+        return;
+      }
       if (tiled(a) && (a.kind == Kind::Avg || x.defined())) {  // one pass, no accumulation buffer (adaptive max
                                                                 // reads saved indices: the general path)
         const bool nhwc = g.size(1) > 1 && g.stride(1) == 1 && grad_in.stride(1) == 1 &&
