@@ -79,6 +79,25 @@ def test_decides_once_per_signature_and_reuses_it(stand_in, monkeypatch):
     assert "activation.relu" in text and "cpp" in text and "float64" in text and "nhwc" in text
 
 
+def test_reset_forgets_the_choice_each_call_reuses(stand_in, monkeypatch):
+    # the per-call lookup keeps the chosen backend's method: reset() must empty it with the decisions
+    cand = stand_in(torch.relu)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    _favour(monkeypatch, "cpp")
+    FF.relu(x)
+    calls = cand.calls
+    FF.relu(x)
+    assert cand.calls == calls + 1  # served by the stand-in
+    autotune.reset()
+    _favour(monkeypatch, "torch")
+    FF.relu(x)
+    (d,) = autotune.decisions()
+    assert d.choice == "torch"
+    calls = cand.calls
+    FF.relu(x)
+    assert cand.calls == calls  # served by torch now, not by the method kept before reset()
+
+
 def test_a_wrong_candidate_is_never_chosen(stand_in, monkeypatch):
     stand_in(lambda x: torch.relu(x) * (1 + 1e-3))  # fast and 1e-3 off
     _favour(monkeypatch, "cpp")

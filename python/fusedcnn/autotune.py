@@ -79,6 +79,7 @@ _seen: dict[tuple, Decision] = {}  # exact signature -> decision (the per-call l
 _cache_path: Optional[str] = None  # set_cache_file(); else FUSEDCNN_AUTOTUNE_CACHE
 _disk: Optional[dict[str, dict]] = None  # this stamp's decisions read from the cache file, by signature
 _timer_hook: Optional[Callable[[str, float], float]] = None  # tests: adjust a measured time (backend, seconds)
+_memos: list[dict] = []  # memo()'s dicts, emptied by reset()
 
 
 def enabled() -> bool:
@@ -97,7 +98,17 @@ def reset() -> None:
     global _disk
     _decisions.clear()
     _seen.clear()
+    for memo in _memos:
+        memo.clear()
     _disk = None
+
+
+def memo() -> dict:
+    """A dict for what a caller derives from the decisions (ops/_registry: signature -> the chosen backend's
+    method), emptied with them by reset()."""
+    d: dict = {}
+    _memos.append(d)
+    return d
 
 
 def set_cache_file(path: Optional[str]) -> None:

@@ -229,19 +229,27 @@ class _Measured:
         if method.startswith("__"):
             raise AttributeError(method)
         family, table, random, extra = self.family, self.table, method in self.random, self.extra
-        backends_table = table.maps[0]  # the family's own table: a dict lookup, where the ChainMap's costs ~0.3 us
+        # signature -> the chosen backend's method: after the first call of a signature, one dict lookup
+        # (autotune.reset() empties it with the decisions)
+        chosen = autotune.memo()
 
-        def call(*args, **kwargs):
+        def choose(key, args, kwargs):
             x = args[0]
             if not isinstance(x, torch.Tensor):  # a deferred triton activation first: the weight decides the device
                 x = next(a for a in args if isinstance(a, torch.Tensor))
+            if key is None:  # cannot be replayed: the static order, every call
+                return getattr(table[backends.static_choice(family, x)], method)
+            run = getattr(table[autotune.decide(family, method, table, args, kwargs, x, key, random, extra=extra)],
+                          method)
+            chosen[key] = run
+            return run
+
+        def call(*args, **kwargs):
             key = autotune.signature(family, method, args, kwargs)
-            if key is None:
-                name = backends.static_choice(family, x)
-            else:
-                name = autotune.decide(family, method, table, args, kwargs, x, key, random, extra=extra)
-            impl = backends_table.get(name)
-            return getattr(table[name] if impl is None else impl, method)(*args, **kwargs)
+            run = chosen.get(key)
+            if run is None:
+                run = choose(key, args, kwargs)
+            return run(*args, **kwargs)
 
         call.__name__ = method
         setattr(self, method, call)  # later lookups skip __getattr__
