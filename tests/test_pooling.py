@@ -138,7 +138,8 @@ def test_cpp_cpu_dtypes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_cpp_max2x2_nchw_rows_match_torch(dtype):
     """The cpp 2x2/s2 max pool on dense NCHW (one flat loop over rows of windows; 1 and 2 windows a row compiled
-    apart): values, indices and gradients equal torch's exactly, on ties (small integers, zeros as after a
+    apart), and adaptive max pooling to half the size (the same windows, the same kernels forward): values,
+    indices and gradients equal torch's exactly, on ties (small integers, zeros as after a
     ReLU), NaN (the last NaN of a window wins) and -inf, for plane widths of 1, 2, 3, 4 and 16 windows."""
     gen = torch.Generator().manual_seed(7)
     for h, w in [(2, 2), (4, 4), (6, 6), (2, 8), (8, 4), (32, 32)]:
@@ -147,9 +148,11 @@ def test_cpp_max2x2_nchw_rows_match_torch(dtype):
         x.view(-1)[torch.randperm(x.numel(), generator=gen)[: x.numel() // 16]] = float("-inf")
         grad = torch.randn(3, 5, h // 2, w // 2, generator=gen).to(dtype)
         results = []
+        half = (h // 2, w // 2)  # adaptive pooling to half the size: the same windows
         for call in (lambda t: F.max_pool2d(t, 2, return_indices=True),
                      lambda t: fusedcnn.functional.max_pool2d(t, 2, return_indices=True, backend="cpp"),
-                     lambda t: fusedcnn.functional.max_pool2d(t, 2, backend="cpp")):  # no indices asked for
+                     lambda t: fusedcnn.functional.max_pool2d(t, 2, backend="cpp"),  # no indices asked for
+                     lambda t: fusedcnn.functional.adaptive_max_pool2d(t, half, return_indices=True, backend="cpp")):
             leaf = x.clone().requires_grad_()
             res = call(leaf)
             out, idx = res if isinstance(res, tuple) else (res, None)

@@ -63,6 +63,9 @@ inline Dim regular_dim(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, b
 }
 
 inline Dim adaptive_dim(int64_t in, int64_t out) {
+  // windows of in/out taps at a stride of in/out when out divides in (a global pool, VGG's 2x2 -> 1x1): the same
+  // windows as regular pooling's, whose tiled kernels then run
+  if (out > 0 && in % out == 0) return regular_dim(in, in / out, in / out, 0, 1, false);
   const int64_t taps = out > 0 ? (in + out - 1) / out + 1 : 1;
   const int64_t ncand = in > 0 ? (out + in - 1) / in + 1 : 1;
   return Dim{in, out, in, out > 0 ? out : 1, 0, 1, 0, taps < in ? taps : in, ncand < out ? ncand : (out > 0 ? out : 1)};
