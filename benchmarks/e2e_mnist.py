@@ -656,9 +656,7 @@ def main(argv=None) -> int:
             per_seed[name].append(one)
             writer.log({"kind": "seed", **one})
     except KeyboardInterrupt:
-        interrupted = True
-        notes.append("interrupted before the end: partial results")
-        print("\ninterrupted: writing the results measured so far", file=sys.stderr)
+        interrupted = _interrupted(notes, "interrupted before the end: partial results")
     finally:
         signal.signal(signal.SIGTERM, old_term)
     if over_budget:
@@ -672,9 +670,8 @@ def main(argv=None) -> int:
             writer.header["side_by_side"] = side_by_side(timed, common, args.compile_mode, speed_rounds,
                                                          preset.get("speed_warmup", 5), common["progress"])
         except KeyboardInterrupt:
-            interrupted = True
-            notes.append("interrupted in the side-by-side timing before its first round: no side-by-side table")
-            print("\ninterrupted: writing the results measured so far", file=sys.stderr)
+            interrupted = _interrupted(notes, "interrupted in the side-by-side timing before its first round: no "
+                                              "side-by-side table")
         finally:
             signal.signal(signal.SIGTERM, old_term)
     baseline = {p["seed"]: p["test_acc"] for p in per_seed.get("torch", [])
@@ -692,6 +689,13 @@ def main(argv=None) -> int:
     print(text)
     print(f"results: {writer.path('.json')}, {writer.path('.md')}" + (f", {png}" if png else ""), file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _interrupted(notes: list[str], note: str) -> bool:
+    """Ctrl-C or SIGTERM: say so in the notes and on stderr; the results measured so far are written. True."""
+    notes.append(note)
+    print("\ninterrupted: writing the results measured so far", file=sys.stderr)
+    return True
 
 
 def _first_line(e: BaseException) -> str:

