@@ -257,25 +257,48 @@ _GEOMETRY: dict[tuple, tuple] = {}
 _GEOMETRY_SIZE = 1024
 
 
-def _geometry(fn: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
-    """regular_geometry's (kernel, stride, padding, dilation) as the ops' int[2] lists (shared: never mutated)."""
-    key = None
-    if (type(kernel_size) is int and (stride is None or type(stride) is int) and type(padding) is int
-            and type(dilation) is int and not torch.compiler.is_compiling()):
-        key = (fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+def _memoized(key, compute):
+    """_GEOMETRY[key], computed (and stored) on a miss; key None: computed, not stored."""
+    if key is not None:
         try:
             return _GEOMETRY[key]
         except KeyError:
             pass
         except TypeError:  # a symbolic shape (make_fx): not hashable
             key = None
-    k, s, p, d, _ = regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
-    args = (list(k), list(s), list(p), list(d))
+    value = compute()
     if key is not None:
         if len(_GEOMETRY) >= _GEOMETRY_SIZE:
             _GEOMETRY.clear()
-        _GEOMETRY[key] = args
-    return args
+        _GEOMETRY[key] = value
+    return value
+
+
+def _geometry(fn: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """regular_geometry's (kernel, stride, padding, dilation) as the ops' int[2] lists (shared: never mutated)."""
+    key = None
+    if (type(kernel_size) is int and (stride is None or type(stride) is int) and type(padding) is int
+            and type(dilation) is int and not torch.compiler.is_compiling()):
+        key = (fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+
+    def compute():
+        k, s, p, d, _ = regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
+        return list(k), list(s), list(p), list(d)
+    return _memoized(key, compute)
+
+
+def _adaptive_size(fn: str, x: Tensor, output_size) -> list[int]:
+    """adaptive_geometry's (OH, OW) as the ops' int[2] list (shared: never mutated), memoized like _geometry for
+    eager calls whose output_size is an int or a pair of ints / None (its checks cost ~2 us a call)."""
+    key = None
+    kind = type(output_size)
+    if (kind is int or (kind in (tuple, list) and len(output_size) == 2 and type(output_size[0]) in _SIZE_TYPES
+                        and type(output_size[1]) in _SIZE_TYPES)) and not torch.compiler.is_compiling():
+        key = (fn, x.shape, output_size if kind is not list else tuple(output_size))
+    return _memoized(key, lambda: list(adaptive_geometry(fn, x, output_size)))
+
+
+_SIZE_TYPES = (int, type(None))
 
 
 def _out(res, return_indices: bool):
@@ -318,8 +341,10 @@ def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: str | None = Non
     """torch.nn.functional.adaptive_avg_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_avg_pool2d")
     impl = dispatch(FAMILY, backend, input)
-    out_hw = adaptive_geometry("adaptive_avg_pool2d", input, output_size)
-    return _run_batched(lambda x: impl.adaptive_avg_pool2d(x, list(out_hw)), input)
+    size = _adaptive_size("adaptive_avg_pool2d", input, output_size)
+    if input.dim() == 4:  # without _run_batched's closure
+        return impl.adaptive_avg_pool2d(input, size)
+    return _run_batched(lambda x: impl.adaptive_avg_pool2d(x, size), input)
 
 
 @entry_point()
@@ -327,5 +352,7 @@ def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False
     """torch.nn.functional.adaptive_max_pool2d with a `backend=` choice."""
     _check_input(input, "adaptive_max_pool2d")
     impl = dispatch(FAMILY, backend, input)
-    out_hw = adaptive_geometry("adaptive_max_pool2d", input, output_size)
-    return _run_batched(lambda x: _out(impl.adaptive_max_pool2d(x, list(out_hw)), return_indices), input)
+    size = _adaptive_size("adaptive_max_pool2d", input, output_size)
+    if input.dim() == 4:  # without _run_batched's closure
+        return _out(impl.adaptive_max_pool2d(input, size), return_indices)
+    return _run_batched(lambda x: _out(impl.adaptive_max_pool2d(x, size), return_indices), input)
