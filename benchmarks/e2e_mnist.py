@@ -283,13 +283,13 @@ def side_by_side(runs: list[str], common: dict, compile_mode: str | None, rounds
         try:
             trainer = Trainer(train_config(name, {**common, "progress": False}, compile_mode))
             if first is None:  # the batches every run takes: the first seed's first epoch, as its training
-                first = trainer
                 cfg = trainer.cfg
                 plan = plan_epoch(len(trainer.train_y), cfg.batch_size, cfg.seed, 0, len(trainer.resolutions),
                                   cfg.augment, trainer.device)
                 batches = [trainer.batch(plan, i) for i in range(min(plan.steps, SPEED_BATCHES))]
                 # OneCycleLR refuses a step past its total: warm-up and rounds stay within the run's steps
                 rounds = max(0, min(rounds, trainer.total_steps - warmup))
+                first = trainer
             trainer.net.train()
             for i in range(warmup):
                 trainer.train_step(*batches[i % len(batches)])

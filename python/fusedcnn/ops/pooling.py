@@ -257,8 +257,8 @@ _GEOMETRY: dict[tuple, tuple] = {}
 _GEOMETRY_SIZE = 1024
 
 
-def _memoized(key, compute):
-    """_GEOMETRY[key], computed (and stored) on a miss; key None: computed, not stored."""
+def _memoized(key, compute, *args):
+    """_GEOMETRY[key], compute(*args) (stored) on a miss; key None: computed, not stored."""
     if key is not None:
         try:
             return _GEOMETRY[key]
@@ -266,7 +266,7 @@ def _memoized(key, compute):
             pass
         except TypeError:  # a symbolic shape (make_fx): not hashable
             key = None
-    value = compute()
+    value = compute(*args)
     if key is not None:
         if len(_GEOMETRY) >= _GEOMETRY_SIZE:
             _GEOMETRY.clear()
@@ -280,11 +280,12 @@ def _geometry(fn: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_m
     if (type(kernel_size) is int and (stride is None or type(stride) is int) and type(padding) is int
             and type(dilation) is int and not torch.compiler.is_compiling()):
         key = (fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    return _memoized(key, _regular_lists, fn, x, kernel_size, stride, padding, dilation, ceil_mode)
 
-    def compute():
-        k, s, p, d, _ = regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
-        return list(k), list(s), list(p), list(d)
-    return _memoized(key, compute)
+
+def _regular_lists(*args):
+    k, s, p, d, _ = regular_geometry(*args)
+    return list(k), list(s), list(p), list(d)
 
 
 def _adaptive_size(fn: str, x: Tensor, output_size) -> list[int]:
@@ -295,7 +296,11 @@ def _adaptive_size(fn: str, x: Tensor, output_size) -> list[int]:
     if (kind is int or (kind in (tuple, list) and len(output_size) == 2 and type(output_size[0]) in _SIZE_TYPES
                         and type(output_size[1]) in _SIZE_TYPES)) and not torch.compiler.is_compiling():
         key = (fn, x.shape, output_size if kind is not list else tuple(output_size))
-    return _memoized(key, lambda: list(adaptive_geometry(fn, x, output_size)))
+    return _memoized(key, _adaptive_list, fn, x, output_size)
+
+
+def _adaptive_list(*args):
+    return list(adaptive_geometry(*args))
 
 
 _SIZE_TYPES = (int, type(None))
