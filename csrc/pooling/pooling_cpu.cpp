@@ -536,6 +536,11 @@ struct Max2x2 {
     take_d = (d > m2) | (d != d);
     max = pick(take_d, d, m2);
   }
+  // Window ow of a row of windows whose top and bottom input rows start at x0 and x1.
+  template <typename scalar_t>
+  static Max2x2 at(const scalar_t* x0, const scalar_t* x1, int64_t ow) {
+    return Max2x2(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]);
+  }
 };
 
 // Rows [begin, end) of windows: y (and, if I, the flat index h*W + w of the argmax) from x. OWc: OW as a
@@ -552,7 +557,7 @@ void max2x2_forward_rows(const scalar_t* X, scalar_t* Y, int64_t* I, int64_t OH,
     const scalar_t* __restrict__ x1 = x0 + W;
     scalar_t* __restrict__ y = Y + r * OW;
     for (int64_t ow = 0; ow < OW; ++ow)
-      y[ow] = narrow<scalar_t>(Max2x2<acc_t>(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]).max);
+      y[ow] = narrow<scalar_t>(Max2x2<acc_t>::at(x0, x1, ow).max);
   }
   if (!I) return;
   // the indices in a pass of their own (the rows are in cache): a test inside the loop above kept it scalar
@@ -562,7 +567,7 @@ void max2x2_forward_rows(const scalar_t* X, scalar_t* Y, int64_t* I, int64_t OH,
     int64_t* __restrict__ ir = I + r * OW;
     const int64_t top = (r % OH) * 2 * W;  // flat index of the window row's first input element
     for (int64_t ow = 0; ow < OW; ++ow) {
-      const Max2x2<acc_t> m(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]);
+      const auto m = Max2x2<acc_t>::at(x0, x1, ow);
       ir[ow] = top + (m.take_c | m.take_d) * W + 2 * ow + (m.take_d | (m.take_b & !m.take_c));
     }
   }
@@ -581,7 +586,7 @@ void max2x2_backward_rows(const scalar_t* X, const scalar_t* G, scalar_t* D, int
     scalar_t* __restrict__ d0 = D + r * 2 * W;
     scalar_t* __restrict__ d1 = d0 + W;
     for (int64_t ow = 0; ow < OW; ++ow) {
-      const Max2x2<acc_t> m(x0[2 * ow], x0[2 * ow + 1], x1[2 * ow], x1[2 * ow + 1]);
+      const auto m = Max2x2<acc_t>::at(x0, x1, ow);
       const scalar_t gv = g[ow];
       d0[2 * ow] = keep_or_zero(!(m.take_b | m.take_c | m.take_d), gv);
       d0[2 * ow + 1] = keep_or_zero(m.take_b & !(m.take_c | m.take_d), gv);
